@@ -1,0 +1,140 @@
+"""Reading a finished feature store (stage two, ``pipeline info``, export)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import zarr
+
+from . import io
+from .schema import EMBEDDINGS, FORMAT, SCALE, SCHEMA_VERSION, SIGNATURE_KEYS
+from .signature import IncompleteStoreError, StoreError, check_signature
+
+
+def _runs(sorted_idx: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split sorted unique indices into (position, start, stop) runs of consecutive values."""
+    if len(sorted_idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
+    bounds = np.concatenate([[0], breaks, [len(sorted_idx)]])
+    return [(int(a), int(sorted_idx[a]), int(sorted_idx[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class FeatureStore:
+    """A complete store, opened read-only.
+
+    Per-sample arrays are loaded into memory at open (N strings and ints); embeddings
+    stay on disk and are read by ``read`` (any indices, one zarr read per run of
+    consecutive samples, so a sorted batch inside one shard costs one shard-index
+    lookup plus one decode per sample) or all at once by ``load``.
+    """
+
+    def __init__(self, url: str | os.PathLike, *, require_complete: bool = True,
+                 storage_options: dict[str, Any] | None = None):
+        self.url = str(url)
+        if not io.exists(url, storage_options):
+            raise StoreError(f"{url}: no feature store there; run `pipeline extract ... --out {url}` first")
+        self.group: zarr.Group = io.open_group(url, "r", storage_options)
+        self.attrs: dict[str, Any] = dict(self.group.attrs)
+        if self.attrs.get("format") != FORMAT:
+            raise StoreError(f"{url}: not a feature store made by `pipeline extract`")
+        if self.attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{url}: store schema {self.attrs.get('schema_version')} is not {SCHEMA_VERSION}; re-extract it"
+            )
+        if require_complete and self.attrs.get("complete") is not True:
+            raise IncompleteStoreError(
+                f"{url}: store is not complete (extraction was interrupted or is still running); "
+                "re-run the same `pipeline extract` command to finish it"
+            )
+        g = self.group
+        self.embeddings: zarr.Array = g[EMBEDDINGS]
+        self.n = int(self.attrs["num_samples"])
+        self.shard_size = int(self.attrs["shard_size"])
+        self.ids = np.asarray(g["id"][:], dtype=object)
+        self.labels = np.asarray(g["label"][:], dtype=np.int64)
+        self.splits = np.asarray(g["split"][:], dtype=object)
+        self.groups = np.asarray(g["group"][:], dtype=object)
+        self.slices = np.asarray(g["slice"][:], dtype=np.int64)
+        self.heights = np.asarray(g["height"][:], dtype=np.int64)
+        self.widths = np.asarray(g["width"][:], dtype=np.int64)
+        self.hashes = np.asarray(g["hash"][:], dtype=object)
+        self.done = np.asarray(g["done"][:], dtype=bool)
+        self.failed = np.asarray(g["failed"][:], dtype=bool)
+        self._scale = g[SCALE] if SCALE in g else None
+        self._pos = {s: i for i, s in enumerate(self.ids)}
+
+    # --- metadata -------------------------------------------------------------------
+    @property
+    def signature(self) -> dict[str, Any]:
+        return {k: self.attrs.get(k) for k in SIGNATURE_KEYS}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs.get("classes", []))
+
+    @property
+    def mask_classes(self) -> list[str]:
+        return list(self.attrs.get("mask_classes", []))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.embeddings.dtype)
+
+    def check(self, wanted: Mapping[str, Any], keys: Sequence[str] = SIGNATURE_KEYS) -> None:
+        """Refuse (SignatureMismatchError naming the field) if ``wanted`` differs."""
+        check_signature(self.url, self.attrs, wanted, keys)
+
+    def index(self, ids: Sequence[str]) -> np.ndarray:
+        """Store rows of the given sample ids; KeyError-free: unknown ids raise StoreError."""
+        try:
+            return np.fromiter((self._pos[i] for i in ids), dtype=np.int64, count=len(ids))
+        except KeyError as e:
+            raise StoreError(f"{self.url}: sample {e.args[0]!r} is not in the store; re-extract it") from None
+
+    def usable(self) -> np.ndarray:
+        """Rows that hold an embedding (done and not failed)."""
+        return np.flatnonzero(self.done & ~self.failed)
+
+    # --- embeddings -----------------------------------------------------------------
+    def read(self, indices: Sequence[int] | np.ndarray, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """Embeddings of ``indices`` (any order, repeats allowed) -> (B,256,64,64) ``dtype``."""
+        idx = np.asarray(indices, dtype=np.int64)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        out = np.empty((len(uniq), *self.embeddings.shape[1:]), dtype=dtype)
+        for pos, a, b in _runs(uniq):
+            out[pos:pos + b - a] = self._decode(a, b, dtype)
+        return out if np.array_equal(uniq, idx) else out[inverse]
+
+    def _decode(self, a: int, b: int, dtype) -> np.ndarray:
+        block = self.embeddings[a:b]
+        if self._scale is not None:
+            return (block.astype(np.float32) * self._scale[a:b][:, :, None, None]).astype(dtype, copy=False)
+        return block.astype(dtype, copy=False)
+
+    def iter_shards(self, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, embeddings) per shard, in order: the fastest full scan."""
+        for a in range(0, self.n, self.shard_size):
+            b = min(a + self.shard_size, self.n)
+            yield a, self._decode(a, b, dtype)
+
+    def load(self, indices: Sequence[int] | None = None, dtype=np.float16) -> np.ndarray:
+        """All (or the given) embeddings in memory: N * 2 MiB at float16."""
+        if indices is None:
+            out = np.empty(self.embeddings.shape, dtype=dtype)
+            for a, block in self.iter_shards(dtype):
+                out[a:a + len(block)] = block
+            return out
+        return self.read(indices, dtype)
+
+    def nbytes_on_disk(self) -> int | None:
+        if io.is_remote(self.url):
+            return None
+        root = io.local_path(self.url)
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+    def file_count(self) -> int | None:
+        if io.is_remote(self.url):
+            return None
+        return sum(1 for p in io.local_path(self.url).rglob("*") if p.is_file())

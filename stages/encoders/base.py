@@ -1,0 +1,72 @@
+"""What every image encoder of the registry provides.
+
+An ``Encoder`` bundles a frozen ``nn.Module`` (B,3,S,S) -> (B,256,64,64) with the
+preprocessing that must run before it. Preprocessing is split in two so extraction can
+overlap it with compute:
+
+- ``prepare(image)`` runs on the CPU, in DataLoader workers: raw (H,W[,C]) pixels of any
+  dtype -> a float32 tensor (3,S,S), resized, normalised and padded exactly as the
+  encoder's reference code does. It is deterministic and per image.
+- ``forward(batch)`` runs the network on the target device under autocast when asked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+EMBED_SHAPE = (256, 64, 64)
+
+
+class EncoderError(ValueError):
+    """Bad encoder or checkpoint input (one line naming the file and the fix)."""
+
+
+@dataclass
+class Encoder:
+    """name: registry key; net: the frozen image encoder; img_size: S (1024 or 256);
+    checkpoint_sha256: sha256 of the weights file; preprocessing: the parameters of
+    ``prepare``, recorded in the store so a store made differently is refused;
+    arch: the network's hyper-parameters (JSON-able, informative); fast: the net runs
+    the optimised kernels of ``stages.encoders.fast`` (same results within float16
+    rounding, not bit-identical)."""
+
+    name: str
+    net: nn.Module
+    img_size: int
+    checkpoint_sha256: str
+    checkpoint_path: str
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    arch: dict[str, Any] = field(default_factory=dict)
+    fast: bool = False
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> "Encoder":
+        self.net.to(device)
+        return self
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """batch (B,3,S,S) float32 on the net's device -> (B,256,64,64) float32.
+        ``amp_dtype`` (e.g. torch.bfloat16) runs the net under autocast; None keeps the
+        reference float32 numerics."""
+        if self.fast:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if amp_dtype is None:
+            return self.net(batch).float().contiguous()
+        with torch.autocast(device_type=batch.device.type, dtype=amp_dtype):
+            return self.net(batch).float().contiguous()
+
+    def signature(self) -> dict[str, Any]:
+        return {
+            "encoder": self.name,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "img_size": self.img_size,
+            "preprocessing": self.preprocessing,
+            "arch": self.arch,
+        }

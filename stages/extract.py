@@ -1,0 +1,282 @@
+"""Stage one: run a frozen SAM-family encoder once per image and fill a feature store.
+
+Work is cut along the store's shards: a shard's samples are decoded and preprocessed in
+DataLoader workers, encoded in batches that never cross a shard boundary (so an
+interrupted and resumed run computes every shard from exactly the same batches as an
+uninterrupted one, and stores the same bytes), and handed to a writer thread that writes
+the shard and then marks its samples done while the encoder goes on with the next one.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from cache import Listing, StoreError, StoreWriter, make_signature
+from cache.schema import DEFAULT_SHARD, EMBED_SHAPE
+
+from .datasets import DatasetError, open_dataset
+from .datasets.base import Dataset
+from .encoders import build_encoder
+from .encoders.base import Encoder
+from .runtime import amp_dtype_for, package_versions, resolve_device, resolve_precision
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``pipeline extract`` takes (see its --help for each field)."""
+
+    dataset: str
+    data_root: str
+    out: str
+    encoder: str = "litemedsam"
+    checkpoint: str | None = None
+    device: str = "auto"
+    batch_size: int = 0  # 0: 8 on CPU, 32 on GPU
+    workers: int = -1  # -1: automatic
+    dtype: str = "float16"
+    precision: str = "auto"
+    shard_size: int = DEFAULT_SHARD
+    overwrite: bool = False
+    skip_bad: bool = False
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass
+class ExtractResult:
+    out: str
+    total: int
+    encoded: int
+    failed: int
+    seconds: float
+    encoder: str
+    device: str
+
+    @property
+    def images_per_s(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        if self.encoded == 0:
+            return f"{self.out}: complete, {self.total} samples already extracted, nothing to do"
+        fail = f", {self.failed} failed" if self.failed else ""
+        return (f"{self.out}: {self.encoded} of {self.total} samples encoded{fail} with {self.encoder} "
+                f"on {self.device} in {self.seconds:.1f} s ({self.images_per_s:.2f} img/s)")
+
+
+class _Prepared(TorchDataset):
+    """Index -> (index, (3,S,S) tensor, height, width, content hash, error message)."""
+
+    def __init__(self, dataset: Dataset, prepare: Callable[[np.ndarray], torch.Tensor], size: int, skip_bad: bool):
+        self.dataset, self.prepare, self.size, self.skip_bad = dataset, prepare, size, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            digest = self.dataset.content_hash(i)
+            image = self.dataset.load_image(i)
+            return i, self.prepare(image), image.shape[0], image.shape[1], digest, ""
+        except DatasetError as e:
+            if not self.skip_bad:
+                raise
+            return i, torch.zeros(3, self.size, self.size), 0, 0, "", str(e)
+
+
+def _collate(items):
+    idx, tensors, h, w, hashes, errors = zip(*items)
+    return list(idx), torch.stack(tensors), list(h), list(w), list(hashes), list(errors)
+
+
+def shard_batches(shards: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Batches of sample indices that never cross a shard boundary."""
+    return [list(range(s, min(s + batch_size, b))) for a, b in shards for s in range(a, b, batch_size)]
+
+
+def listing_of(dataset: Dataset) -> Listing:
+    s = dataset.samples
+    return Listing(ids=[x.id for x in s], labels=[x.label for x in s], splits=[x.split for x in s],
+                   groups=[x.group for x in s], slices=[x.index_in_group for x in s])
+
+
+def store_signature(encoder: Encoder, dataset: Dataset, precision: str, dtype: str) -> dict[str, Any]:
+    e = encoder.signature()
+    return make_signature(encoder=e["encoder"], checkpoint_sha256=e["checkpoint_sha256"], img_size=e["img_size"],
+                          preprocessing=e["preprocessing"], precision=precision, dataset_kind=dataset.kind,
+                          dataset_signature=dataset.signature(), dtype=dtype)
+
+
+def verify_hashes(dataset: Dataset, writer: StoreWriter) -> None:
+    """On resume: a sample already in the store whose image changed since is refused."""
+    done = np.flatnonzero(writer.done)
+    if len(done) == 0:
+        return
+    stored = writer.group["hash"][:]
+    failed = writer.group["failed"][:]
+    for i in done:
+        if failed[i]:
+            continue
+        if dataset.content_hash(int(i)) != stored[i]:
+            raise StoreError(f"{writer.url}: image {dataset.samples[i].id!r} changed since it was extracted; "
+                             "use --overwrite to re-extract the store")
+
+
+def encode_batches(encoder: Encoder, loader: DataLoader, device: torch.device, amp: torch.dtype | None
+                   ) -> Iterator[tuple[list[int], np.ndarray, list, list, list, list]]:
+    """Yield (indices, embeddings (B,256,64,64) float32, heights, widths, hashes, errors)."""
+    for idx, batch, h, w, hashes, errors in loader:
+        emb = forward_resilient(encoder, batch.to(device, non_blocking=True), amp)
+        yield idx, emb, h, w, hashes, errors
+
+
+def forward_resilient(encoder: Encoder, batch: torch.Tensor, amp: torch.dtype | None) -> np.ndarray:
+    """Encoder forward; on CUDA out-of-memory, retry the batch in halves instead of dying."""
+    try:
+        return encoder.forward(batch, amp_dtype=amp).cpu().numpy()
+    except torch.cuda.OutOfMemoryError:
+        if batch.shape[0] == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = batch.shape[0] // 2
+        print(f"CUDA out of memory at batch {batch.shape[0]}; retrying as {half}+{batch.shape[0] - half}",
+              file=sys.stderr)
+        return np.concatenate([forward_resilient(encoder, batch[:half], amp),
+                               forward_resilient(encoder, batch[half:], amp)])
+
+
+class _ShardWriter(threading.Thread):
+    """Writes finished shards and marks them done, off the compute thread."""
+
+    def __init__(self, writer: StoreWriter):
+        super().__init__(daemon=True)
+        self.writer = writer
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    start, emb, h, w, hashes, failed = job
+                    self.writer.write_shard(start, emb)
+                    self.writer.mark_done(start, h, w, hashes, failed)
+                except BaseException as e:  # surfaced on the main thread
+                    self.error = e
+
+    def put(self, job) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(job)
+
+    def finish(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(8, cores)
+    return 1 if cores >= 2 else 0
+
+
+def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
+    """Run stage one as configured; returns counts and timing. Raises DatasetError,
+    EncoderError or StoreError (one line each) on bad input."""
+    t0 = time.perf_counter()
+    dataset = open_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
+    device = resolve_device(cfg.device)
+    encoder = build_encoder(cfg.encoder, cfg.checkpoint, device=device)
+    precision = resolve_precision(cfg.precision, device)
+    amp = amp_dtype_for(precision)
+    batch_size = cfg.batch_size or (32 if device.type == "cuda" else 8)
+    workers = default_workers(device) if cfg.workers < 0 else cfg.workers
+
+    writer = StoreWriter.open(
+        cfg.out,
+        signature=store_signature(encoder, dataset, precision, cfg.dtype),
+        listing=listing_of(dataset),
+        classes=dataset.classes,
+        mask_classes=dataset.mask_classes,
+        shard_size=cfg.shard_size,
+        overwrite=cfg.overwrite,
+        provenance={
+            "dataset_root": str(Path(cfg.data_root).resolve()),
+            "checkpoint_path": encoder.checkpoint_path,
+            "device": str(device),
+            "versions": package_versions(),
+        },
+        storage_options=cfg.storage_options,
+    )
+    with writer:
+        verify_hashes(dataset, writer)
+        shards = writer.pending()
+        todo = sum(b - a for a, b in shards)
+        errors = {f["id"]: f["error"] for f in writer.group.attrs.get("failures", [])}
+        if todo:
+            loader = DataLoader(
+                _Prepared(dataset, encoder.prepare, encoder.img_size, cfg.skip_bad),
+                batch_sampler=shard_batches(shards, batch_size),
+                num_workers=workers,
+                collate_fn=_collate,
+                pin_memory=device.type == "cuda",
+                prefetch_factor=4 if workers else None,
+                persistent_workers=False,
+            )
+            errors.update(_run(encoder, loader, writer, shards, device, amp, todo, progress, dataset))
+        failures = [{"id": dataset.samples[i].id, "error": errors.get(dataset.samples[i].id, "failed in an earlier run")}
+                    for i in np.flatnonzero(writer.group["failed"][:])]
+        writer.commit({"failures": failures})
+    seconds = time.perf_counter() - t0
+    return ExtractResult(out=cfg.out, total=len(dataset), encoded=todo, failed=len(failures), seconds=seconds,
+                         encoder=cfg.encoder, device=str(device))
+
+
+def _run(encoder, loader, writer, shards, device, amp, todo, progress, dataset) -> dict[str, str]:
+    """Encode the pending shards; returns {sample id: error} of the samples skipped as bad."""
+    from .progress import progress_bar
+
+    bounds = {a: b for a, b in shards}
+    sink = _ShardWriter(writer)
+    sink.start()
+    failures: dict[str, str] = {}
+    buf: dict[str, Any] | None = None
+    try:
+        with progress_bar("extract", total=todo, enabled=progress, unit="img") as advance:
+            for idx, emb, h, w, hashes, errors in encode_batches(encoder, loader, device, amp):
+                if buf is None:
+                    start = idx[0]
+                    size = bounds[start] - start
+                    buf = {"start": start, "emb": np.empty((size, *EMBED_SHAPE), np.float32), "h": [], "w": [],
+                           "hash": [], "failed": [], "filled": 0}
+                k = buf["filled"]
+                buf["emb"][k:k + len(idx)] = emb
+                buf["filled"] += len(idx)
+                for i, hh, ww, dg, err in zip(idx, h, w, hashes, errors):
+                    buf["h"].append(hh), buf["w"].append(ww), buf["hash"].append(dg), buf["failed"].append(bool(err))
+                    if err:
+                        buf["emb"][k] = 0
+                        failures[dataset.samples[i].id] = err
+                        print(f"skipped: {err}", file=sys.stderr)
+                    k += 1
+                if buf["filled"] == len(buf["emb"]):
+                    sink.put((buf["start"], buf["emb"], buf["h"], buf["w"], buf["hash"], buf["failed"]))
+                    buf = None
+                advance(len(idx))
+    finally:
+        sink.finish()
+    return failures
