@@ -1,0 +1,199 @@
+"""CSV manifest datasets.
+
+``root`` is the CSV file or a folder holding ``manifest.csv``. Header required; columns
+(case-insensitive, extra columns ignored):
+  path   image file, relative to the CSV's folder (required)
+  label  class name; empty = unlabelled (-1) (required column)
+  split  train | val | test | empty (valid/validation -> val) (optional)
+  mask   mask file, relative like ``path`` (optional; all rows or none)
+  id     sample id (optional; default = the normalised relative path)
+  group  patient/volume id; stage two keeps a group inside one split (optional)
+
+Paths may not leave the CSV's folder (``..``, absolute paths elsewhere, symlinks that
+resolve outside) unless ``allow_outside_root=True``. Every problem (missing file,
+duplicate id, unknown split or label, ...) is a DatasetError raised before any pixel is
+read. Classes are the sorted label names (numerically when all are integers) unless
+``classes`` fixes the list. Samples are sorted by id.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import defaultdict
+from pathlib import Path, PurePosixPath
+
+from .base import DatasetError, Sample
+from .files import SPLIT_ALIASES, FileDataset, natural_classes
+from .imageio import MAX_PIXELS
+
+REQUIRED = ("path", "label")
+_SHOW = 3  # how many offending rows an error message lists
+
+
+def _rows_text(rows: list[int]) -> str:
+    more = f" and {len(rows) - _SHOW} more" if len(rows) > _SHOW else ""
+    return ", ".join(str(r) for r in rows[:_SHOW]) + more
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e}); save the manifest as UTF-8 CSV") from None
+    reader = csv.reader(io.StringIO(text))
+    header: list[str] | None = None
+    rows: list[tuple[int, dict[str, str]]] = []
+    for cells in reader:
+        if not any(c.strip() for c in cells):
+            continue
+        if header is None:
+            header = [c.strip().lower() for c in cells]
+            dup = sorted({c for c in header if header.count(c) > 1})
+            if dup:
+                raise DatasetError(f"{path}: duplicate column(s) {dup} in the header; keep one of each")
+            missing = [c for c in REQUIRED if c not in header]
+            if missing:
+                raise DatasetError(f"{path}: missing required column(s) {missing} (header is {header}); "
+                                   "the first line must name the columns, e.g. path,label,split,mask")
+            continue
+        if len(cells) > len(header):
+            raise DatasetError(f"{path}: line {reader.line_num} has {len(cells)} fields but the header has "
+                               f"{len(header)}; quote values that contain commas")
+        rows.append((reader.line_num, {k: v.strip() for k, v in zip(header, cells)}))
+    if header is None or not rows:
+        raise DatasetError(f"{path}: the manifest is empty; add a header (path,label[,split][,mask]) "
+                           "and one row per image")
+    return header, rows
+
+
+def _resolve(cell: str, base: Path, base_real: Path, allow_outside: bool) -> tuple[Path, str] | None:
+    """(file path, id-like relative path), or None when the path escapes ``base``."""
+    p = Path(cell)
+    full = p if p.is_absolute() else base / p
+    real = full.resolve()
+    inside = real.is_relative_to(base_real)
+    if not inside and not allow_outside:
+        return None
+    norm = Path(os.path.normpath(full))
+    try:
+        rel = PurePosixPath(norm.relative_to(base)).as_posix()
+    except ValueError:
+        rel = norm.as_posix()
+    return full, rel
+
+
+def open_csv(
+    root: str | Path,
+    classes: list[str] | None = None,
+    mask_classes: list[str] | None = None,
+    max_pixels: int = MAX_PIXELS,
+    allow_outside_root: bool = False,
+) -> FileDataset:
+    """Open a CSV manifest dataset (see module docstring). ``mask_classes`` defaults to
+    ["background", "lesion"] (binary masks, non-zero = lesion) when there is a mask column."""
+    root = Path(root)
+    if root.is_dir():
+        csv_path = root / "manifest.csv"
+        if not csv_path.is_file():
+            raise DatasetError(f"{root}: no manifest.csv in this folder; pass the CSV file as --data-root "
+                               "or create manifest.csv with columns path,label[,split][,mask]")
+    elif root.is_file():
+        csv_path = root
+    else:
+        raise DatasetError(f"{root}: no such file or folder; --data-root must be a CSV manifest "
+                           "or a folder with manifest.csv")
+    base = csv_path.parent
+    base_real = base.resolve()
+    header, rows = _read_csv(csv_path)
+    has_mask = "mask" in header and any(r.get("mask", "") for _, r in rows)
+    if mask_classes is not None and not has_mask:
+        raise DatasetError(f"{csv_path}: mask_classes given but the manifest has no mask column; add a mask column")
+    if mask_classes is not None and len(mask_classes) < 2:
+        raise DatasetError(f"{csv_path}: mask_classes needs background plus at least one class, got {mask_classes}")
+
+    escaped: list[int] = []
+    missing: list[tuple[int, Path]] = []
+    bad_split: list[tuple[int, str]] = []
+    no_path: list[int] = []
+    no_mask: list[int] = []
+    entries = []  # (line, id, label name, split, group, image, masks)
+    for line, r in rows:
+        cell = r.get("path", "")
+        if not cell:
+            no_path.append(line)
+            continue
+        got = _resolve(cell, base, base_real, allow_outside_root)
+        if got is None:
+            escaped.append(line)
+            continue
+        image, rel = got
+        if not image.is_file():
+            missing.append((line, image))
+        masks: tuple[Path, ...] = ()
+        if has_mask:
+            mcell = r.get("mask", "")
+            mgot = _resolve(mcell, base, base_real, allow_outside_root) if mcell else None
+            if not mcell:
+                no_mask.append(line)
+            elif mgot is None:
+                escaped.append(line)
+            else:
+                masks = (mgot[0],)
+                if not mgot[0].is_file():
+                    missing.append((line, mgot[0]))
+        split_cell = r.get("split", "").lower()
+        split = SPLIT_ALIASES.get(split_cell, "" if not split_cell else None)
+        if split is None:
+            bad_split.append((line, split_cell))
+        entries.append((line, r.get("id") or rel, r.get("label", ""), split, r.get("group", ""), image, masks))
+
+    if no_path:
+        raise DatasetError(f"{csv_path}: empty path on line(s) {_rows_text(no_path)}; every row needs an image path")
+    if escaped:
+        raise DatasetError(f"{csv_path}: path(s) on line(s) {_rows_text(escaped)} lead outside {base_real}; "
+                           "keep files inside the manifest's folder (or pass allow_outside_root=True)")
+    if bad_split:
+        line, value = bad_split[0]
+        raise DatasetError(f"{csv_path}: unknown split {value!r} on line {line} ({len(bad_split)} row(s)); "
+                           "use train, val, test or leave it empty")
+    if no_mask:
+        raise DatasetError(f"{csv_path}: no mask on line(s) {_rows_text(no_mask)} while other rows have one; "
+                           "give every row a mask or drop the mask column")
+    if missing:
+        line, p = missing[0]
+        raise DatasetError(f"{csv_path}: {len(missing)} listed file(s) do not exist, first {p} (line {line}); "
+                           "fix the paths or remove the rows")
+    lines_by_id: dict[str, list[int]] = defaultdict(list)
+    for e in entries:
+        lines_by_id[e[1]].append(e[0])
+    dups = {k: v for k, v in lines_by_id.items() if len(v) > 1}
+    if dups:
+        k, v = next(iter(dups.items()))
+        raise DatasetError(f"{csv_path}: duplicate id {k!r} on lines {_rows_text(v)} ({len(dups)} duplicated id(s)); "
+                           "every row needs a unique path or id")
+
+    names = {e[2] for e in entries if e[2]}
+    if classes is None:
+        class_list = natural_classes(names)
+    else:
+        class_list = list(classes)
+        unknown = sorted(names - set(class_list))
+        if unknown:
+            line = next(e[0] for e in entries if e[2] == unknown[0])
+            raise DatasetError(f"{csv_path}: unknown label {unknown[0]!r} on line {line} (unknown: {unknown[:5]}); "
+                               f"labels must be one of {class_list}")
+    index = {c: k for k, c in enumerate(class_list)}
+    entries.sort(key=lambda e: e[1])
+    ds = FileDataset(
+        root=csv_path,
+        kind="csv",
+        samples=[Sample(id=e[1], label=index[e[2]] if e[2] else -1, split=e[3], group=e[4]) for e in entries],
+        classes=class_list,
+        mask_classes=(list(mask_classes) if mask_classes else ["background", "lesion"]) if has_mask else [],
+        paths=[e[5] for e in entries],
+        masks=[e[6] for e in entries] if has_mask else [],
+        max_pixels=max_pixels,
+    )
+    ds.check_unique_ids()
+    return ds
