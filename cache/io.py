@@ -1,9 +1,11 @@
 """Where stores live: local folders or fsspec URLs (``s3://``, ``gs://``, ``memory://``, ``file://``)."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,24 @@ def remove_partials(url: str | os.PathLike) -> int:
     return n
 
 
+_HELD: "weakref.WeakSet[StoreLock]" = weakref.WeakSet()
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copy of the lock descriptor: a flock
+    lives as long as any process holds the descriptor, so an orphaned worker of a killed
+    writer would otherwise keep the store locked until it notices its parent is gone."""
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock.fd)
+            lock.fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 class StoreLock:
     """Exclusive writer lock: ``<store>.lock`` beside a local store, held with flock so
     the kernel releases it when the process dies (even by SIGKILL). Remote stores have
@@ -107,9 +127,11 @@ class StoreLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        _HELD.add(self)
         return self
 
     def release(self) -> None:
+        _HELD.discard(self)
         if self.fd is not None:
             try:
                 self.path.unlink(missing_ok=True)

@@ -73,6 +73,12 @@ def write_shard(group: zarr.Group, start: int, emb: np.ndarray) -> None:
         arr[start:stop] = emb.astype(arr.dtype, copy=False)
 
 
+def _half_created(url: str, storage_options: dict[str, Any] | None) -> bool:
+    """A store of ours whose creation was interrupted before all its arrays existed."""
+    attrs = dict(io.open_group(url, "r", storage_options).attrs)
+    return attrs.get("format") == FORMAT and attrs.get("initialized") is False
+
+
 class StoreWriter:
     """Owns the per-sample result arrays and the commit of one store.
 
@@ -114,6 +120,8 @@ class StoreWriter:
         try:
             if io.exists(url, storage_options) and overwrite:
                 io.remove(url, storage_options)
+            if io.exists(url, storage_options) and _half_created(url, storage_options):
+                io.remove(url, storage_options)  # a creation killed half-way: it holds no work
             if io.exists(url, storage_options):
                 group = io.open_group(url, "r+", storage_options)
                 attrs = dict(group.attrs)
@@ -133,8 +141,24 @@ class StoreWriter:
         n = len(listing)
         if n == 0:
             raise StoreError(f"{url}: the dataset has no samples; nothing to extract")
+        attrs = {
+            "format": FORMAT,
+            **dict(signature),
+            "schema_version": SCHEMA_VERSION,
+            "num_samples": n,
+            "shard_size": shard_size,
+            "compressor": COMPRESSOR,
+            "classes": list(classes),
+            "mask_classes": list(mask_classes),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "complete": False,
+            **dict(provenance or {}),
+            "initialized": False,  # True once every array exists (see _half_created)
+        }
+        # zarr.json is born with the attributes: a store killed while being created is
+        # recognisable as ours and half-made, never a foreign group to refuse
         group = zarr.open_group(store=io.open_store(url, read_only=False, storage_options=storage_options),
-                                mode="w", zarr_format=3)
+                                mode="w", zarr_format=3, attributes=attrs)
         dtype = signature["dtype"]
         group.create_array(
             EMBEDDINGS,
@@ -168,20 +192,7 @@ class StoreWriter:
         array("hash", [""] * n, str)
         array("done", None, "bool")
         array("failed", None, "bool")
-        attrs = {
-            "format": FORMAT,
-            **dict(signature),
-            "schema_version": SCHEMA_VERSION,
-            "num_samples": n,
-            "shard_size": shard_size,
-            "compressor": COMPRESSOR,
-            "classes": list(classes),
-            "mask_classes": list(mask_classes),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "complete": False,
-        }
-        attrs.update(provenance or {})
-        group.attrs.update(attrs)
+        group.attrs.update({"initialized": True})
         return group
 
     def shards(self) -> list[tuple[int, int]]:

@@ -40,9 +40,13 @@ def extract(
     shard_size: int = typer.Option(32, "--shard-size", help="Samples per shard file (divides 4096)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with another encoder, checkpoint, preprocessing or dataset."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images as failed and go on, instead of stopping."),
-    option: Optional[List[str]] = typer.Option(None, "--option", help="Dataset reader option KEY=VALUE (repeatable), e.g. max_pixels=1e8."),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="Dataset reader option KEY=VALUE (repeatable), e.g. max_pixels=200000000."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", help="fsspec option KEY=VALUE for remote stores (repeatable), e.g. endpoint_url=..."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    threads: int = typer.Option(0, "--threads", help="Torch CPU threads per process (0: all cores; with dask: the cores of a worker's host shared by its workers)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on the dask.distributed cluster at this scheduler address (tcp://HOST:8786); workers write their own shards."),
+    dask_workers: int = typer.Option(0, "--dask-workers", help="Run on a local dask cluster of N worker processes (0: no dask)."),
+    refresh_changed: bool = typer.Option(False, "--refresh-changed", help="Re-encode the images changed since extraction (content hash; their shards are recomputed whole) instead of refusing the store."),
 ) -> None:
     """Stage one: encode every image once with a frozen SAM-family encoder into a Zarr store.
 
@@ -59,6 +63,7 @@ def extract(
         checkpoint=str(checkpoint) if checkpoint else None, device=device, batch_size=batch_size,
         workers=workers, dtype=dtype, precision=precision, shard_size=shard_size, overwrite=overwrite,
         skip_bad=skip_bad, dataset_options=parse_options(option, "--option"), storage_options=storage or None,
+        threads=threads, scheduler=scheduler, dask_workers=dask_workers, refresh_changed=refresh_changed,
     )
     result = run(cfg, progress=not quiet)
     print(result.summary())

@@ -8,6 +8,8 @@ the shard and then marks its samples done while the encoder goes on with the nex
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import queue
 import sys
@@ -25,7 +27,7 @@ from torch.utils.data import Dataset as TorchDataset
 from cache import Listing, StoreError, StoreWriter, make_signature
 from cache.schema import DEFAULT_SHARD, EMBED_SHAPE
 
-from .datasets import DatasetError, open_dataset
+from .datasets import BadImageError, DatasetError, open_dataset
 from .datasets.base import Dataset
 from .encoders import build_encoder
 from .encoders.base import Encoder
@@ -51,6 +53,12 @@ class ExtractConfig:
     skip_bad: bool = False
     dataset_options: dict[str, Any] = field(default_factory=dict)
     storage_options: dict[str, Any] | None = None
+    # --- issue 6 (stages/distributed.py) ---
+    threads: int = 0  # torch intra-op threads per process; 0: torch's default (all cores; dask: cores/worker)
+    scheduler: str | None = None  # dask scheduler address: run on that cluster
+    dask_workers: int = 0  # > 0: run on a local dask cluster of this many worker processes
+    # --- issue 7 (reliability) ---
+    refresh_changed: bool = False  # re-encode the shards of samples whose image changed, instead of refusing
 
 
 @dataclass
@@ -62,6 +70,7 @@ class ExtractResult:
     seconds: float
     encoder: str
     device: str
+    report: str | None = None  # issue 7: CSV listing the failed samples, beside the store
 
     @property
     def images_per_s(self) -> float:
@@ -71,6 +80,8 @@ class ExtractResult:
         if self.encoded == 0:
             return f"{self.out}: complete, {self.total} samples already extracted, nothing to do"
         fail = f", {self.failed} failed" if self.failed else ""
+        if self.failed and self.report:
+            fail += f" (listed in {self.report})"
         return (f"{self.out}: {self.encoded} of {self.total} samples encoded{fail} with {self.encoder} "
                 f"on {self.device} in {self.seconds:.1f} s ({self.images_per_s:.2f} img/s)")
 
@@ -85,14 +96,20 @@ class _Prepared(TorchDataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
+        # Errors travel as data and are raised on the main thread (encode_batches): torch
+        # re-raises a worker's exception as "Caught X in DataLoader worker process 0",
+        # which loses the one-line message naming the file.
+        digest = ""
         try:
             digest = self.dataset.content_hash(i)
             image = self.dataset.load_image(i)
             return i, self.prepare(image), image.shape[0], image.shape[1], digest, ""
         except DatasetError as e:
-            if not self.skip_bad:
-                raise
-            return i, torch.zeros(3, self.size, self.size), 0, 0, "", str(e)
+            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        except OSError as e:  # e.g. the file vanished after listing
+            error = f"{e.filename or self.dataset.samples[i].id}: cannot read the file ({e.strerror or e}); " \
+                    "restore it or remove it from the dataset"
+        return i, torch.zeros(3, self.size, self.size), 0, 0, digest, error
 
 
 def _collate(items):
@@ -118,25 +135,66 @@ def store_signature(encoder: Encoder, dataset: Dataset, precision: str, dtype: s
                           dataset_signature=dataset.signature(), dtype=dtype)
 
 
-def verify_hashes(dataset: Dataset, writer: StoreWriter) -> None:
-    """On resume: a sample already in the store whose image changed since is refused."""
+def changed_samples(dataset: Dataset, writer: StoreWriter, failed_too: bool = False) -> list[int]:
+    """Done samples whose image bytes no longer match the content hash stored at
+    extraction (with ``failed_too``, also failed samples whose file changed since)."""
     done = np.flatnonzero(writer.done)
     if len(done) == 0:
-        return
+        return []
     stored = writer.group["hash"][:]
     failed = writer.group["failed"][:]
+    out = []
     for i in done:
-        if failed[i]:
+        if failed[i] and not failed_too:
             continue
-        if dataset.content_hash(int(i)) != stored[i]:
-            raise StoreError(f"{writer.url}: image {dataset.samples[i].id!r} changed since it was extracted; "
-                             "use --overwrite to re-extract the store")
+        try:
+            now = dataset.content_hash(int(i))
+        except (OSError, DatasetError):
+            if failed[i]:
+                continue  # still unreadable
+            raise
+        if now != stored[i]:
+            out.append(int(i))
+    return out
+
+
+def verify_hashes(dataset: Dataset, writer: StoreWriter, refresh: bool = False) -> list[int]:
+    """On resume or re-run: a sample already in the store whose image changed since is
+    refused, or with ``refresh`` the shards holding such samples (and failed samples whose
+    file changed) are marked not done, and the store not complete, so that they are
+    re-encoded whole (same batches as a fresh run) and the other shards stay untouched.
+    Returns the changed sample indices."""
+    changed = changed_samples(dataset, writer, failed_too=refresh)
+    if changed and not refresh:
+        i = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise StoreError(f"{writer.url}: image {dataset.samples[i].id!r}{more} changed since it was extracted; "
+                         "re-run with --refresh-changed to re-encode just those, or --overwrite to start over")
+    if changed:
+        size = writer.shard_size
+        starts = sorted({i - i % size for i in changed})
+        # not complete first: a refresh killed half-way must not leave a complete-looking store
+        writer.group.attrs.update({"complete": False})
+        for a in starts:
+            b = min(a + size, writer.n)
+            writer.group["done"][a:b] = False
+            writer.done[a:b] = False
+        print(f"{writer.url}: {len(changed)} changed image(s); re-encoding {len(starts)} shard(s)", file=sys.stderr)
+    return changed
 
 
 def encode_batches(encoder: Encoder, loader: DataLoader, device: torch.device, amp: torch.dtype | None
                    ) -> Iterator[tuple[list[int], np.ndarray, list, list, list, list]]:
-    """Yield (indices, embeddings (B,256,64,64) float32, heights, widths, hashes, errors)."""
+    """Yield (indices, embeddings (B,256,64,64) float32, heights, widths, hashes, errors).
+
+    A bad image raises BadImageError (its one-line message) before its batch is encoded,
+    unless the loader's dataset skips bad images (``skip_bad``): then its error is yielded
+    and its embedding is zeros."""
+    strict = not getattr(loader.dataset, "skip_bad", False)
     for idx, batch, h, w, hashes, errors in loader:
+        bad = [e for e in errors if e]
+        if bad and strict:
+            raise BadImageError(f"{bad[0]} (or re-run with --skip-bad to record such images as failed and go on)")
         emb = forward_resilient(encoder, batch.to(device, non_blocking=True), amp)
         yield idx, emb, h, w, hashes, errors
 
@@ -172,6 +230,9 @@ class _ShardWriter(threading.Thread):
                     start, emb, h, w, hashes, failed = job
                     self.writer.write_shard(start, emb)
                     self.writer.mark_done(start, h, w, hashes, failed)
+                except OSError as e:  # surfaced on the main thread
+                    what = f"writing shard {start // self.writer.shard_size} (samples {start}..{start + len(h) - 1})"
+                    self.error = disk_full_error(e, self.writer.url, what) or e
                 except BaseException as e:  # surfaced on the main thread
                     self.error = e
 
@@ -194,16 +255,110 @@ def default_workers(device: torch.device) -> int:
     return 1 if cores >= 2 else 0
 
 
+def make_encoder(cfg: ExtractConfig, device: torch.device | str) -> Encoder:
+    """The encoder ``cfg`` asks for (the single-process and the dask paths build it alike)."""
+    return build_encoder(cfg.encoder, cfg.checkpoint, device=device)
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 32 if device.type == "cuda" else 8
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads (0: leave as is), restored afterwards. On CPU
+    the thread count is part of what makes a store reproducible: oneDNN splits some
+    convolution reductions per thread, so float32 results can differ in the last bit."""
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     """Run stage one as configured; returns counts and timing. Raises DatasetError,
-    EncoderError or StoreError (one line each) on bad input."""
+    EncoderError or StoreError (one line each) on bad input, and StoreError on a full disk."""
+    with loud_disk_full(cfg.out):
+        if cfg.scheduler or cfg.dask_workers > 0:
+            from .distributed import extract_distributed
+
+            return extract_distributed(cfg, progress=progress)
+        with torch_threads(cfg.threads):
+            return _extract(cfg, progress)
+
+
+# --- issue 7: disk full, failure report ---------------------------------------------
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def disk_full_error(e: OSError, url: str, what: str) -> StoreError | None:
+    """A one-line StoreError for an out-of-space OSError (None for other errors)."""
+    if getattr(e, "errno", None) not in DISK_FULL:
+        return None
+    err = StoreError(f"{url}: disk full while {what} ({e.strerror or e}); finished shards are kept, "
+                     "free space and re-run the same command to resume")
+    err.__cause__ = e
+    return err
+
+
+@contextlib.contextmanager
+def loud_disk_full(url: str) -> Iterator[None]:
+    """Turn an out-of-space OSError anywhere in a run into ``disk_full_error``."""
+    try:
+        yield
+    except OSError as e:
+        err = disk_full_error(e, url, "writing the store")
+        if err is None:
+            raise
+        raise err from e
+
+
+def failures_report_path(url: str | os.PathLike) -> str:
+    """``<store>.failures.csv`` beside the store (outside it: DVC hashes the store)."""
+    from cache import io as store_io
+
+    if store_io.is_remote(url):
+        return str(url).rstrip("/") + ".failures.csv"
+    return str(store_io.local_path(url)).rstrip("/") + ".failures.csv"
+
+
+def write_failures_report(url: str | os.PathLike, store_rows: Sequence[int], failures: Sequence[dict[str, str]],
+                          storage_options: dict[str, Any] | None = None) -> str | None:
+    """Write the failed samples (row, id, error) as CSV beside the store and return its
+    path; with no failures remove a stale report and return None."""
+    import csv
+    import io as _io
+
+    import fsspec
+
+    path = failures_report_path(url)
+    fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if not failures:
+        if fs.exists(fpath):
+            fs.rm(fpath)
+        return None
+    text = _io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["row", "id", "error"])
+    for row, f in zip(store_rows, failures):
+        w.writerow([int(row), f["id"], f["error"]])
+    with fs.open(fpath, "w") as fh:
+        fh.write(text.getvalue())
+    return path
+
+
+def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
     t0 = time.perf_counter()
     dataset = open_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     device = resolve_device(cfg.device)
-    encoder = build_encoder(cfg.encoder, cfg.checkpoint, device=device)
+    encoder = make_encoder(cfg, device)
     precision = resolve_precision(cfg.precision, device)
     amp = amp_dtype_for(precision)
-    batch_size = cfg.batch_size or (32 if device.type == "cuda" else 8)
+    batch_size = cfg.batch_size or default_batch_size(device)
     workers = default_workers(device) if cfg.workers < 0 else cfg.workers
 
     writer = StoreWriter.open(
@@ -223,7 +378,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         storage_options=cfg.storage_options,
     )
     with writer:
-        verify_hashes(dataset, writer)
+        verify_hashes(dataset, writer, refresh=cfg.refresh_changed)
         shards = writer.pending()
         todo = sum(b - a for a, b in shards)
         errors = {f["id"]: f["error"] for f in writer.group.attrs.get("failures", [])}
@@ -238,12 +393,14 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
                 persistent_workers=False,
             )
             errors.update(_run(encoder, loader, writer, shards, device, amp, todo, progress, dataset))
+        failed_rows = np.flatnonzero(writer.group["failed"][:])
         failures = [{"id": dataset.samples[i].id, "error": errors.get(dataset.samples[i].id, "failed in an earlier run")}
-                    for i in np.flatnonzero(writer.group["failed"][:])]
+                    for i in failed_rows]
         writer.commit({"failures": failures})
+        report = write_failures_report(cfg.out, failed_rows, failures, cfg.storage_options)  # issue 7
     seconds = time.perf_counter() - t0
     return ExtractResult(out=cfg.out, total=len(dataset), encoded=todo, failed=len(failures), seconds=seconds,
-                         encoder=cfg.encoder, device=str(device))
+                         encoder=cfg.encoder, device=str(device), report=report)
 
 
 def _run(encoder, loader, writer, shards, device, amp, todo, progress, dataset) -> dict[str, str]:

@@ -12,7 +12,7 @@ overlap it with compute:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -44,7 +44,13 @@ class Encoder:
     fast: bool = False
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """(H,W[,C]) raw pixels -> (3,S,S) float32 on the CPU."""
         raise NotImplementedError
+
+    def preprocessor(self) -> Callable[[np.ndarray], torch.Tensor]:
+        """``prepare`` as a small picklable callable without the network, for DataLoader
+        workers started with spawn."""
+        return self.prepare
 
     def to(self, device: torch.device | str) -> "Encoder":
         self.net.to(device)

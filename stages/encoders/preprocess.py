@@ -1,0 +1,122 @@
+"""CPU preprocessing of raw pixels for each encoder family (no network weights here, so
+DataLoader workers can import and pickle it cheaply).
+
+Channels, for every encoder: (H,W) and (H,W,1) are grayscale and repeated to RGB;
+(H,W,2) is grayscale + alpha and (H,W,4) RGBA: the alpha channel is dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from .resize import longest_side_shape, resize_area
+
+SAM_PIXEL_MEAN = [123.675, 116.28, 103.53]
+SAM_PIXEL_STD = [58.395, 57.12, 57.375]
+
+LITEMEDSAM_PREPROCESSING = {
+    "channels": "gray_to_rgb_drop_alpha",
+    "resize": "longest_side_area",
+    "target": 256,
+    "normalize": "minmax",
+    "pad": "bottom_right_zero",
+}
+SAM_PREPROCESSING = {
+    "channels": "gray_to_rgb_drop_alpha",
+    "to_uint8": "minmax_round_unless_uint8",
+    "resize": "longest_side_pil_bilinear",
+    "target": 1024,
+    "normalize": "mean_std",
+    "pixel_mean": SAM_PIXEL_MEAN,
+    "pixel_std": SAM_PIXEL_STD,
+    "pad": "bottom_right_zero",
+}
+
+
+def gray_or_rgb(image: np.ndarray) -> np.ndarray:
+    """(H,W[,C]) of any dtype -> (H,W) grayscale or (H,W,3) RGB, same dtype, alpha
+    dropped; refuses other shapes, empty and non-finite images."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] in (1, 2):
+        a = a[:, :, 0]
+    elif a.ndim == 3 and a.shape[2] == 4:
+        a = a[:, :, :3]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise ValueError(f"expected an image (H,W), (H,W,1), (H,W,2), (H,W,3) or (H,W,4), "
+                         f"got shape {np.shape(image)}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"empty image of shape {a.shape}")
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"unsupported image dtype {a.dtype}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise ValueError("image contains NaN or infinite values")
+    return a
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """(H,W[,C]) of any dtype -> (H,W,3), same dtype (gray repeated, alpha dropped)."""
+    a = gray_or_rgb(image)
+    return np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a
+
+
+def to_uint8_minmax(image: np.ndarray) -> np.ndarray:
+    """uint8 stays as is; any other dtype is min-max scaled to 0..255 over the whole image
+    and rounded (half to even); a constant image becomes 0."""
+    if image.dtype == np.uint8:
+        return image
+    x = image.astype(np.float64)
+    lo, hi = x.min(), x.max()
+    if hi <= lo:
+        return np.zeros(image.shape, np.uint8)
+    return np.rint((x - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
+
+
+def _resizable(image: np.ndarray) -> np.ndarray:
+    """Dtypes cv2's INTER_AREA resize lacks become the nearest one it has: bool -> uint8,
+    int8 -> int16, float16 -> float32, 32/64-bit integers -> float64."""
+    kind, size = image.dtype.kind, image.dtype.itemsize
+    if kind == "b":
+        return image.astype(np.uint8)
+    if kind == "i" and size == 1:
+        return image.astype(np.int16)
+    if kind == "f" and size == 2:
+        return image.astype(np.float32)
+    if kind in "iu" and size >= 4:
+        return image.astype(np.float64)
+    return image
+
+
+def prepare_litemedsam(image: np.ndarray, size: int = 256) -> torch.Tensor:
+    """(H,W[,C]) any dtype -> (3,size,size) float32, as LiteMedSAM's reference inference
+    (CVPR24_LiteMedSAM_infer.py): RGB, INTER_AREA resize of the long side to ``size``,
+    min-max to [0,1] over the resized image, zero padding at the bottom/right."""
+    img = _resizable(gray_or_rgb(image))
+    newh, neww = longest_side_shape(img.shape[0], img.shape[1], size)
+    # the reference repeats gray to RGB first; resizing one channel is the same, given
+    # cv2's channel-dependent kernel choice (cv_channels)
+    r = resize_area(img, (newh, neww), cv_channels=3)
+    if r.ndim == 2:
+        r = r[:, :, None]
+    if r.dtype.kind in "iu":  # exact (uint8 matches the reference's uint8 arithmetic)
+        r = r.astype(np.float64)
+    norm = (r - r.min()) / np.clip(r.max() - r.min(), a_min=1e-8, a_max=None)
+    out = np.zeros((3, size, size), np.float32)  # numpy: tiny torch ops are slow in workers
+    out[:, :newh, :neww] = norm.transpose(2, 0, 1)  # broadcasts a gray channel to three
+    return torch.from_numpy(out)
+
+
+_MEAN = np.array(SAM_PIXEL_MEAN, np.float32)
+_STD = np.array(SAM_PIXEL_STD, np.float32)
+
+
+def prepare_sam(image: np.ndarray, size: int = 1024) -> torch.Tensor:
+    """(H,W[,C]) any dtype -> (3,size,size) float32, exactly as ``SamPredictor.set_image``:
+    uint8 RGB (other dtypes: min-max to 0..255 and rounded), ``ResizeLongestSide(size)``
+    (PIL bilinear), ``(x - pixel_mean) / pixel_std``, zero padding at the bottom/right."""
+    rgb = to_uint8_minmax(to_rgb(image))
+    r = ResizeLongestSide(size).apply_image(rgb)
+    x = (r.astype(np.float32) - _MEAN) / _STD  # float32 ops, as Sam.preprocess does them
+    out = np.zeros((3, size, size), np.float32)
+    out[:, : x.shape[0], : x.shape[1]] = x.transpose(2, 0, 1)
+    return torch.from_numpy(out)

@@ -1,0 +1,196 @@
+"""A timm backbone with SLCA blocks injected after chosen stages (``slca``), or the same
+backbone alone (``backbone``), for side-by-side comparison.
+
+Injection uses forward hooks on the stage modules listed in timm's ``feature_info``
+(``layer1..layer4`` of ResNets and SE-ResNe(X)ts, ``layers.0..3`` of Swin V2, ``stages.*``
+of ConvNeXt, ``blocks.*`` of EfficientNets, ...): the hook replaces the stage output
+with its SLCA-gated version, so the backbone's own ``forward_features`` / ``forward_head``
+run unchanged and any timm model with a ``feature_info`` works. Swin V2 stages emit
+NHWC token maps (timm's ``output_fmt == "NHWC"``); the gate is permuted to match.
+
+Geometry: the backbone sees the image padded to a square at the bottom/right, like the
+SAM encoder's input, so the 64x64 SAM grid and every stage's feature map cover the
+same field of view and the SLCA gate lines up with the features it modulates.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from torch import nn
+
+from .layers.slca import SLCA
+from .registry import register_model
+
+SAM_CHANNELS = 256
+
+
+def resolve_stages(feature_info: list[dict], stages: str | Sequence[int | str]) -> list[int]:
+    """Stage spec -> indices into ``feature_info``.
+
+    ``"all"``: every stage at stride >= 4 (the stem is skipped); ``"last2"`` etc.: the last
+    N of those; else a comma list / sequence of indices (negative from the end) or module
+    names (``layer3``, ``layers.2``)."""
+    main = [i for i, d in enumerate(feature_info) if d["reduction"] >= 4]
+    names = [d["module"] for d in feature_info]
+    if isinstance(stages, str):
+        spec = stages.strip()
+        if spec == "all":
+            return main
+        if spec.startswith("last") and spec[4:].isdigit():
+            return main[-int(spec[4:]):]
+        items: list[int | str] = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        items = list(stages)
+    out = []
+    for it in items:
+        if isinstance(it, str) and it.lstrip("-").isdigit():
+            it = int(it)
+        if isinstance(it, int):
+            if not -len(names) <= it < len(names):
+                raise ValueError(f"SLCA stage {it} out of range; this backbone has stages {names}")
+            out.append(it % len(names))
+        elif it in names:
+            out.append(names.index(it))
+        else:
+            raise ValueError(f"unknown SLCA stage {it!r}; this backbone has stages {names}")
+    if not out:
+        raise ValueError(f"no SLCA stage selected from {stages!r}; this backbone has stages {names}")
+    return sorted(set(out))
+
+
+def create_backbone(name: str, num_classes: int, img_size: int, drop_rate: float = 0.0,
+                    **kwargs) -> nn.Module:
+    """A randomly initialised timm classifier (no download). ``img_size`` goes to models
+    that need it (Swin V2, ViTs); CNNs take any size."""
+    if name not in timm.list_models():
+        raise ValueError(f"unknown timm backbone {name!r}; e.g. resnet18, resnet50, resnet152, "
+                         "seresnext50_32x4d, legacy_senet154, swinv2_tiny_window8_256")
+    base = dict(pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+    try:
+        return timm.create_model(name, img_size=img_size, **base)
+    except TypeError:  # CNN constructors have no img_size
+        return timm.create_model(name, **base)
+
+
+class SLCAClassifier(nn.Module):
+    """timm backbone + SLCA. ``forward(image (B,3,S,S), sam (B,256,64,64)) -> (B,K)``.
+
+    Args:
+        backbone: timm model name (random init; see ``load_backbone`` for weights).
+        num_classes: K.
+        img_size: S, the side of the (square) image input.
+        slca: False builds the plain backbone (``sam`` is then ignored).
+        stages: where SLCA goes (``resolve_stages``).
+        window, hidden, act, gate: the SLCA block (``layers.slca.SLCA``).
+        drop_rate: dropout before the classifier.
+        backbone_kwargs: extra timm constructor arguments (e.g. a narrower ``embed_dim``).
+    """
+
+    def __init__(self, backbone: str = "resnet18", num_classes: int = 2, img_size: int = 64,
+                 slca: bool = True, stages: str | Sequence[int | str] = "all", window: int = 8,
+                 hidden: int = 64, act: str = "gelu", gate: str = "residual", drop_rate: float = 0.0,
+                 backbone_kwargs: dict | None = None):
+        super().__init__()
+        self.net = create_backbone(backbone, num_classes, img_size, drop_rate, **(backbone_kwargs or {}))
+        self.uses_image, self.uses_sam = True, slca
+        self.channels_last = getattr(self.net, "output_fmt", "NCHW") == "NHWC"
+        info = list(getattr(self.net, "feature_info", []) or [])
+        self.slca = nn.ModuleDict()
+        self.stage_names: list[str] = []
+        self._sam: torch.Tensor | None = None
+        if not slca:
+            return
+        if not info:
+            raise ValueError(f"backbone {backbone!r} exposes no feature_info stages; SLCA cannot reach them, "
+                             "use a timm CNN (resnet*, seresnext*, convnext*, efficientnet*) or swinv2_*")
+        for i in resolve_stages(info, stages):
+            name, chs = info[i]["module"], int(info[i]["num_chs"])
+            key = name.replace(".", "_")
+            self.slca[key] = SLCA(chs, SAM_CHANNELS, window, hidden, act, gate)
+            self.stage_names.append(name)
+            self.net.get_submodule(name).register_forward_hook(_Inject(self, key))
+
+    def forward_features(self, image: torch.Tensor, sam: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,3,S,S), (B,256,64,64) -> the backbone's last feature map (unpooled)."""
+        self._sam = sam if self.uses_sam else None
+        try:
+            return self.net.forward_features(image)
+        finally:
+            self._sam = None
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Last feature map -> (B,K) logits (or pooled features when ``pre_logits``)."""
+        return self.net.forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, image: torch.Tensor, sam: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(image, sam))
+
+    @torch.no_grad()
+    def attention_maps(self, sam: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per SLCA stage, the channel-mean of the gate on the SAM window grid: (B,g,g)."""
+        out = {}
+        for name, (key, block) in zip(self.stage_names, self.slca.items()):
+            g = block.gate_map(sam, tuple(block.pool(sam).shape[2:]))
+            out[name] = g.mean(dim=1)
+        return out
+
+    def load_backbone(self, path: str | Path) -> tuple[int, int]:
+        """Load a local timm checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``) into the
+        backbone; the classifier layer is skipped when its shape differs (other K).
+        Returns (loaded, skipped) tensor counts."""
+        return load_weights(self.net, path)
+
+
+class _Inject:
+    """Forward hook replacing a stage's output by its SLCA-gated version. A plain object
+    (not a closure) so that ``copy.deepcopy`` of the classifier re-points it at the copy."""
+
+    def __init__(self, owner: SLCAClassifier, key: str):
+        self.owner, self.key = owner, key
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        o = self.owner
+        if o._sam is None:
+            raise RuntimeError("SLCAClassifier needs the SAM embeddings: call forward(image, sam)")
+        return o.slca[self.key](output, o._sam, o.channels_last)
+
+
+def load_weights(net: nn.Module, path: str | Path) -> tuple[int, int]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone weights not found; pass a local timm checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = net.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(fits) < 0.5 * len(own):
+        raise ValueError(f"{path}: only {len(fits)} of {len(own)} tensors fit this backbone; "
+                         "it is a checkpoint of another architecture")
+    net.load_state_dict(fits, strict=False)
+    return len(fits), len(own) - len(fits)
+
+
+@register_model
+def slca(**kwargs) -> SLCAClassifier:
+    """Backbone + SLCA (the product's model)."""
+    return SLCAClassifier(slca=True, **kwargs)
+
+
+@register_model
+def backbone(**kwargs) -> SLCAClassifier:
+    """The same backbone without SLCA (the baseline); SLCA options are ignored."""
+    for k in ("stages", "window", "hidden", "act", "gate"):
+        kwargs.pop(k, None)
+    return SLCAClassifier(slca=False, **kwargs)

@@ -1,0 +1,82 @@
+"""Configuration of a segmentation run (``pipeline train --task segment``)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+HEAD_NAMES = ("autosam", "cnn", "linear", "unet")
+
+
+@dataclass
+class SegmentConfig:
+    """Everything a segmentation training run takes.
+
+    store/dataset/data_root: the feature store and the dataset it was extracted from
+    (joined by sample id). head: autosam | cnn | linear (read the cached features) or
+    unet (from scratch on the raw images; the store then only supplies the listing).
+    epochs: at most this many epochs; steps_per_epoch: optimizer steps per epoch (0: one
+    pass over the labelled training samples). patience: stop after this many validations
+    without a better val Dice (0: never); val_every: validate every N epochs (and after
+    the last). labeled_volumes: train on the first N training volumes (0: all; volumetric
+    data); train_fraction: or on this fraction of them (of samples for 2D data).
+    sam_checkpoint: a SAM-family checkpoint whose mask decoder initialises the autosam
+    head, or "encoder" for the checkpoint the store was extracted with. in_memory: load
+    the embeddings into RAM first (2 MiB per sample at float16). resume: continue from
+    ``out/checkpoint.pt``. overlays: how many validation overlay PNGs to write.
+    """
+
+    store: str
+    data_root: str
+    dataset: str
+    out: str
+    head: str = "autosam"
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    train_fraction: float = 1.0
+    labeled_volumes: int = 0
+    sam_checkpoint: str | None = None
+    in_memory: bool = False
+    resume: bool = False
+    num_workers: int = 0
+    steps_per_epoch: int = 0
+    patience: int = 10
+    val_every: int = 1
+    overlays: int = 6
+    head_options: dict[str, Any] = field(default_factory=dict)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data, as saved in model.pt and checkpoint.pt; without
+        ``storage_options`` (connection details, possibly credentials)."""
+        d = asdict(self)
+        d.pop("storage_options")
+        return d
+
+    def check(self) -> None:
+        """Refuse impossible values with a one-line ValueError naming the option."""
+        if self.head not in HEAD_NAMES:
+            raise ValueError(f"--head {self.head!r}: choose one of {', '.join(HEAD_NAMES)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not self.lr > 0:
+            raise ValueError(f"--lr {self.lr}: must be positive")
+        for name in ("steps_per_epoch", "patience", "num_workers", "overlays", "labeled_volumes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
+        if self.val_every < 1:
+            raise ValueError(f"--val-every {self.val_every}: must be at least 1")
+        if self.sam_checkpoint and self.head != "autosam":
+            raise ValueError(f"--sam-checkpoint initialises the autosam head only, not {self.head!r}; drop it")
+
+
+# options that must be equal to resume a run
+RESUME_KEYS = ("head", "store", "dataset", "batch_size", "lr", "weight_decay", "seed", "train_fraction",
+               "labeled_volumes", "sam_checkpoint", "steps_per_epoch", "head_options", "precision")

@@ -1,0 +1,181 @@
+"""Prediction, scoring and overlay pictures of a segmentation head; ``evaluate_segmentation``
+re-scores a saved ``model.pt`` on a store + dataset (``pipeline evaluate``)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cache import SignatureMismatchError
+
+from ..models.heads import create_head
+from ..runtime import resolve_device
+from .data import UNET_IMG_SIZE, SegmentData, logits_to_raw
+from .metrics import evaluate_predictions
+
+# signature fields that decide what the embeddings mean (the dataset may differ)
+ENCODER_KEYS = ("encoder", "checkpoint_sha256", "img_size", "preprocessing", "schema_version")
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: SegmentData, indices: Sequence[int], device: torch.device,
+            batch_size: int = 8, autocast=None) -> dict[int, np.ndarray]:
+    """Label maps in each image's own geometry: {index: (H,W) uint8 argmax}."""
+    kind = getattr(model, "input_kind", "features")
+    img_size = data.img_size if kind == "features" else UNET_IMG_SIZE
+    model.eval()
+    out: dict[int, np.ndarray] = {}
+    idx = list(indices)
+    for a in range(0, len(idx), batch_size):
+        chunk = sorted(idx[a:a + batch_size])
+        x = data.inputs(chunk, kind).to(device)
+        if autocast is not None:
+            with autocast():
+                logits = model(x).float()
+        else:
+            logits = model(x)
+        for k, i in enumerate(chunk):
+            it = data.item(i)
+            raw = logits_to_raw(logits[k:k + 1], (it.height, it.width), img_size)
+            out[i] = raw.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    return out
+
+
+def score(data: SegmentData, preds: dict[int, np.ndarray], with_hd95: bool = True) -> dict[str, Any]:
+    """Metrics of predictions (3D per volume for volumetric data, 2D per image otherwise)."""
+    gts = {i: data.mask(i) for i in preds}
+    volumetric = all(data.groups[i] != "" and data.slices[i] >= 0 for i in preds)
+    res = evaluate_predictions(
+        preds, gts, data.num_classes, data.mask_classes,
+        groups=data.groups if volumetric else None, slices=data.slices if volumetric else None,
+        spacing=data.dataset.spacing, with_hd95=with_hd95)
+    if res["mode"] == "2d":  # name the cases by sample id
+        res["per_case"] = {data.ids[int(k)]: v for k, v in res["per_case"].items()}
+    res["spacing"] = "mm" if volumetric and all(g in data.dataset.spacing for g in set(data.groups[list(preds)])) \
+        else "pixels"
+    return res
+
+
+def pick_overlays(data: SegmentData, indices: Sequence[int], limit: int) -> list[int]:
+    """Samples worth a picture: per volume (first ``limit`` volumes) the slice with the most
+    labelled foreground; for 2D data the first ``limit`` samples with foreground (else any)."""
+    if limit <= 0 or not indices:
+        return []
+    if all(data.groups[i] for i in indices):
+        by_vol: dict[str, list[int]] = {}
+        for i in indices:
+            by_vol.setdefault(data.groups[i], []).append(i)
+        picks = []
+        for vol in sorted(by_vol)[:limit]:
+            picks.append(max(by_vol[vol], key=lambda i: (int((data.mask(i) > 0).sum()), -i)))
+        return picks
+    with_fg = [i for i in indices if (data.mask(i) > 0).any()]
+    return (with_fg + [i for i in indices if i not in set(with_fg)])[:limit]
+
+
+def save_overlays(data: SegmentData, preds: dict[int, np.ndarray], indices: Sequence[int], folder: Path) -> list[str]:
+    """One PNG per sample: image | ground truth | prediction (classes coloured over the image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colors = plt.get_cmap("tab10").colors
+    cmap = ListedColormap([(0, 0, 0, 0)] + [(*colors[(c - 1) % 10], 0.55) for c in range(1, data.num_classes)])
+    written = []
+    for i in indices:
+        img = np.asarray(data.image(i), dtype=np.float64)
+        if img.ndim == 3:
+            img = img[..., :3] if img.shape[2] >= 3 else img[..., 0]
+        lo, hi = float(img.min()), float(img.max())
+        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+        gt = data.mask(i)
+        fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+        for ax, title, lab in zip(axes, ("image", "ground truth", "prediction"), (None, gt, preds[i])):
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+            if lab is not None:
+                ax.imshow(lab, cmap=cmap, vmin=0, vmax=data.num_classes - 1, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        fig.suptitle(data.ids[i], fontsize=9)
+        fig.tight_layout()
+        path = folder / (data.ids[i].replace("/", "__").replace("\\", "__") + ".png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """A ``model.pt`` written by ``train_segmentation`` -> (head on device, eval mode; saved dict)."""
+    from ..train.loop import load_checkpoint
+
+    saved = load_checkpoint(path)
+    if saved.get("task") != "segment":
+        raise ValueError(f"{path}: a {saved.get('task')!r} model, not a segmentation one; "
+                         "use the model.pt of a `pipeline train --task segment` run")
+    model = create_head(saved["head"], saved["num_classes"], **saved.get("head_options", {}))
+    model.load_state_dict(saved["state_dict"])
+    return model.to(device).eval(), saved
+
+
+def check_store(saved: dict[str, Any], data: SegmentData, model_path: str | Path) -> None:
+    """The store must hold embeddings of the same encoder and preprocessing as at training,
+    and the dataset the same mask classes."""
+    if saved["mask_classes"] != data.mask_classes:
+        raise SignatureMismatchError(f"{model_path}: trained on mask classes {saved['mask_classes']}, the dataset has "
+                                     f"{data.mask_classes}; evaluate on a dataset with the same classes")
+    if saved.get("input_kind") != "features":
+        return  # the UNet reads raw images; the store only lists the samples
+    stored, now = saved["store_signature"], data.store.signature
+    diff = [k for k in ENCODER_KEYS if stored.get(k) != now.get(k)]
+    if diff:
+        raise SignatureMismatchError(
+            f"{data.store.url}: embeddings made differently from the training store ({', '.join(diff)} differ: "
+            f"trained with encoder {stored.get('encoder')!r}, store has {now.get('encoder')!r}); "
+            "extract the dataset with the training encoder")
+
+
+def evaluate_segmentation(model_path: str | Path, store: str, data_root: str, dataset: str, out: str | Path,
+                          device: str = "auto", splits: Sequence[str] = ("val", "test"), batch_size: int = 8,
+                          overlays: int = 6, dataset_options: dict[str, Any] | None = None,
+                          storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score a saved segmentation model on the given splits of a store + dataset (all
+    samples when the dataset has no split names); writes ``out/metrics.json`` and overlays.
+    Returns {"splits": {split: metrics}, ...}."""
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    model, saved = load_model(model_path, dev)
+    data = SegmentData(store, dataset, data_root, dataset_options, storage_options)
+    check_store(saved, data, model_path)
+    out = Path(out)
+    chosen = {s: data.split_indices(s) for s in splits}
+    chosen = {s: v for s, v in chosen.items() if v}
+    if not chosen:
+        every = [i for i in range(len(data.ids)) if data.ok[i]]
+        if not every:
+            raise ValueError(f"{data_root}: no usable samples to evaluate")
+        print(f"note: no samples in split(s) {', '.join(splits)}; evaluating all {len(every)} samples",
+              file=sys.stderr)
+        chosen = {"all": every}
+    result: dict[str, Any] = {"task": "segment", "model": str(model_path), "head": saved["head"],
+                              "store": store, "dataset": dataset, "data_root": str(data_root), "splits": {}}
+    for split, idx in chosen.items():
+        data.verify(idx)
+        preds = predict(model, data, idx, dev, batch_size)
+        result["splits"][split] = score(data, preds)
+        if split == next(iter(chosen)):
+            picks = pick_overlays(data, idx, overlays)
+            result["overlays"] = save_overlays(data, preds, picks, out / "overlays")
+    result["seconds"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,499 @@
+"""Stage two, classification: train ``slca`` / ``backbone`` / ``sam-head`` / ``probe`` from
+a feature store and its raw images, and write the run's outputs to one folder.
+
+Outputs (``ClassifyConfig.out``)::
+
+    model.pt         best weights + model kwargs + full config + store signature + split ids
+    last.pt          resume state after the last finished epoch (optimizer, schedule, RNG, ...)
+    metrics.json     {"val": {...}, "test": {...}, ...} flat numeric metrics (dvc metrics)
+    history.csv      one row per epoch (dvc plots)
+    predictions.csv  id, split, label, pred, prob_<class>... for val and test
+    config.json      the configuration, for people
+    confusion_test.png  roc_test.png  history.png  slca_attention.png (slca only)
+
+All four model kinds are trained and scored through the same code path, so their
+numbers are comparable. Defaults: AdamW (lr 1e-3, weight decay 0.05), one warmup epoch
+then cosine decay per step, class-weighted cross-entropy, early stopping on validation
+AUC (patience 10), flips as augmentation, bf16/fp16 autocast on GPUs, fp32 on CPU.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..datasets.base import Dataset
+from ..models import create_model
+from ..models.registry import canonical
+from ..progress import progress_bar
+from ..runtime import resolve_device, resolve_precision
+from .data import (
+    ClassifyData,
+    Joined,
+    assign_splits,
+    augment,
+    auto_img_size,
+    default_workers,
+    make_loader,
+    open_joined,
+    parse_augment,
+    prepare_image,
+    subsample,
+    IMAGE_MEAN,
+    IMAGE_STD,
+)
+from .loop import (
+    Amp,
+    EarlyStopping,
+    History,
+    TrainingError,
+    check_finite,
+    check_resumable,
+    class_weights,
+    cosine_schedule,
+    load_checkpoint,
+    make_optimizer,
+    rng_state,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+)
+from .metrics import classification_metrics, confusion, safe_name, write_json
+
+MODEL_KINDS = ("slca", "backbone", "probe", "sam-head")
+MODEL_FORMAT = "sam-feature-pipeline/model"
+HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_balanced_accuracy",
+                  "val_f1_macro", "lr", "seconds"]
+OUTPUT_FILES = ("model.pt", "last.pt", "metrics.json", "history.csv", "predictions.csv", "config.json",
+                "confusion_test.png", "roc_test.png", "history.png", "slca_attention.png")
+# settings that may change between an interrupted run and its --resume
+RESUME_FREE = ("resume", "overwrite", "workers", "in_memory", "device", "attention_images", "plots")
+
+
+@dataclass
+class ClassifyConfig:
+    """Everything ``pipeline train --task classify`` takes (see its --help)."""
+
+    store: str
+    out: str
+    model: str = "slca"
+    backbone: str = "resnet18"
+    backbone_weights: str | None = None
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None
+    data_root: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 0
+    slca_stages: str = "all"
+    slca_window: int = 8
+    slca_hidden: int = 64
+    slca_act: str = "gelu"
+    slca_gate: str = "residual"
+    head_width: int = 64
+    drop_rate: float = 0.0
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    patience: int = 10
+    class_weighting: bool = True
+    label_smoothing: float = 0.0
+    clip_grad: float = 1.0
+    augment: str = "flip"
+    train_fraction: float = 1.0
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    probe_c: str = "0.001,0.01,0.1,1,10"
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = -1
+    in_memory: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    attention_images: int = 6
+    plots: bool = True
+
+
+def model_kwargs(cfg: ClassifyConfig, num_classes: int, img_size: int) -> dict[str, Any]:
+    """Constructor arguments saved in model.pt (enough to rebuild the network)."""
+    kind = canonical(cfg.model)
+    if kind in ("slca", "backbone"):
+        kw = dict(backbone=cfg.backbone, num_classes=num_classes, img_size=img_size, drop_rate=cfg.drop_rate,
+                  backbone_kwargs=dict(cfg.backbone_kwargs))
+        if kind == "slca":
+            kw.update(stages=cfg.slca_stages, window=cfg.slca_window, hidden=cfg.slca_hidden, act=cfg.slca_act,
+                      gate=cfg.slca_gate)
+        return kw
+    if kind == "sam_head":
+        return dict(num_classes=num_classes, width=cfg.head_width, drop_rate=cfg.drop_rate or 0.1)
+    return dict(num_classes=num_classes)
+
+
+# --- scoring -------------------------------------------------------------------------
+
+def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    nb = device.type == "cuda"
+    image = batch["image"].to(device, non_blocking=nb) if batch["image"] is not None else None
+    sam = batch["sam"].to(device, non_blocking=nb).float() if batch["sam"] is not None else None
+    return image, sam, batch["label"].to(device, non_blocking=nb)
+
+
+@torch.no_grad()
+def predict_loader(net: nn.Module, loader, device: torch.device, amp: Amp,
+                   criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
+    """Class probabilities (N,K) in dataset position order, and the mean loss."""
+    net.eval()
+    n = len(loader.dataset)
+    probs: np.ndarray | None = None
+    total, count = 0.0, 0
+    for batch in loader:
+        image, sam, y = to_device(batch, device)
+        with amp.autocast():
+            logits = net(image, sam)
+        logits = logits.float()
+        if criterion is not None:
+            total += float(criterion(logits, y)) * len(y)
+            count += len(y)
+        p = torch.softmax(logits, dim=1).cpu().numpy()
+        if probs is None:
+            probs = np.zeros((n, p.shape[1]), np.float64)
+        probs[batch["pos"].numpy()] = p
+    return probs, (total / count if count else float("nan"))
+
+
+def train_epoch(net: nn.Module, loader, optimizer, scheduler, amp: Amp, criterion: nn.Module,
+                device: torch.device, modes: Sequence[str], gen: torch.Generator, epoch: int,
+                checkpoint: Path | None, clip: float = 0.0, advance: Callable[..., None] = lambda n=1, **k: None,
+                sam_fn: Callable[[dict[str, Any]], torch.Tensor] | None = None) -> float:
+    """One pass over ``loader``; returns the mean training loss. ``sam_fn(batch)`` replaces the
+    cached embeddings (the benchmark uses it to recompute them with the encoder)."""
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    total, count = 0.0, 0
+    for step, batch in enumerate(loader):
+        image, sam, y = to_device(batch, device)
+        if sam_fn is not None:
+            sam = sam_fn(batch)
+        image, sam = augment(image, sam, modes, gen)
+        with amp.autocast():
+            loss = criterion(net(image, sam).float(), y)
+        check_finite(loss.detach(), epoch, step, checkpoint)
+        amp.backward_step(loss, optimizer, params, clip)
+        scheduler.step()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+        advance(1, description=f"epoch {epoch + 1} loss {total / count:.4f}")
+    return total / max(count, 1)
+
+
+# --- the run -------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """A joined store/dataset with splits, classes and the backbone input size."""
+
+    joined: Joined
+    splits: dict[str, np.ndarray]
+    classes: list[str]
+    img_size: int
+
+
+def prepare(cfg: ClassifyConfig, dataset: Dataset | None = None) -> Prepared:
+    joined = open_joined(cfg.store, dataset, cfg.dataset, cfg.data_root, cfg.dataset_options)
+    st = joined.store
+    splits = assign_splits(joined.rows, st.labels, st.splits, st.groups, cfg.split_seed, cfg.val_fraction,
+                           cfg.test_fraction)
+    splits["train"] = subsample(splits["train"], st.labels, st.groups, cfg.train_fraction, cfg.seed)
+    classes = joined.classes
+    if len(classes) < 2:
+        raise ValueError(f"{cfg.store}: classification needs at least 2 classes, the store has {classes}")
+    empty = [s for s in ("val", "test") if len(splits[s]) == 0]
+    if empty:
+        raise ValueError(f"{cfg.store}: no {' or '.join(empty)} samples after splitting; the dataset is too small "
+                         "(give it val/test splits or more samples per class)")
+    img_size = cfg.img_size or auto_img_size(st.heights[joined.rows], st.widths[joined.rows])
+    return Prepared(joined, splits, classes, img_size)
+
+
+def _check_out(cfg: ClassifyConfig) -> Path:
+    out = Path(cfg.out)
+    earlier = [f for f in ("last.pt", "model.pt") if (out / f).exists()]
+    if earlier and not cfg.resume:
+        if not cfg.overwrite:
+            raise TrainingError(f"{out}: holds an earlier training run ({', '.join(earlier)}); pass --resume to "
+                                "continue it or --overwrite to start over")
+        for f in OUTPUT_FILES:
+            (out / f).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def log(msg: str, enabled: bool = True) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train as configured and write the outputs; returns the metrics written to metrics.json.
+
+    ``dataset`` overrides opening the store's recorded dataset (tests, notebooks). Raises
+    StoreError/DatasetError/ValueError/TrainingError (one line each) on bad input."""
+    kind = canonical(cfg.model)
+    if kind.replace("_", "-") not in MODEL_KINDS:
+        raise ValueError(f"unknown --model {cfg.model!r}; choose one of: {', '.join(MODEL_KINDS)}")
+    modes = parse_augment(cfg.augment)
+    out = _check_out(cfg)
+    write_json(dataclasses.asdict(cfg), out / "config.json")
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    prep = prepare(cfg, dataset)
+    device = resolve_device(cfg.device)
+    amp = Amp(device, resolve_precision(cfg.precision, device))
+    net = create_model(kind, **model_kwargs(cfg, len(prep.classes), prep.img_size))
+    if cfg.backbone_weights and hasattr(net, "load_backbone"):
+        loaded, skipped = net.load_backbone(cfg.backbone_weights)
+        log(f"backbone weights {cfg.backbone_weights}: {loaded} tensors loaded, {skipped} kept random", progress)
+    net.to(device)
+    counts = {s: len(r) for s, r in prep.splits.items()}
+    log(f"{cfg.model} on {cfg.store}: {counts['train']} train / {counts['val']} val / {counts['test']} test, "
+        f"{len(prep.classes)} classes, image {prep.img_size}px, {device} {amp.precision}", progress)
+    workers = default_workers(device, cfg.in_memory) if cfg.workers < 0 else cfg.workers
+
+    def data(split: str) -> ClassifyData:
+        return ClassifyData(prep.joined, prep.splits[split], prep.img_size, net.uses_image, net.uses_sam,
+                            cfg.in_memory, progress)
+
+    def loader(d: ClassifyData, shuffle: bool):
+        return make_loader(d, cfg.batch_size, shuffle, cfg.seed, workers, prep.joined.store.shard_size,
+                           pin=device.type == "cuda")
+
+    val_loader = loader(data("val"), False)
+    if kind == "probe":
+        best = _fit_probe(cfg, net, loader(data("train"), False), val_loader, prep, device, amp, out, progress)
+    else:
+        best = _fit_torch(cfg, net, loader(data("train"), True), val_loader, prep, device, amp, modes, out,
+                          progress)
+    state = load_checkpoint(out / "model.pt")
+    net.load_state_dict(state["state_dict"])
+    parts = {"val": (prep.splits["val"], val_loader), "test": (prep.splits["test"], loader(data("test"), False))}
+    metrics = score_and_write(net, parts, prep, device, amp, out, cfg.plots, cfg.attention_images)
+    metrics.update(n_train=counts["train"], best_epoch=best, train_seconds=time.perf_counter() - t0)
+    write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def _checkpoint_meta(cfg: ClassifyConfig, prep: Prepared) -> dict[str, Any]:
+    st = prep.joined.store
+    ids = {s: [str(st.ids[r]) for r in rows] for s, rows in prep.splits.items()}
+    return {
+        "format": MODEL_FORMAT, "version": 1, "task": "classify", "model": canonical(cfg.model),
+        "classes": list(prep.classes), "img_size": prep.img_size, "config": dataclasses.asdict(cfg),
+        "store": {"url": st.url, "signature": st.signature, "encoder": st.attrs.get("encoder"),
+                  "checkpoint_path": st.attrs.get("checkpoint_path")},
+        "splits": ids,
+    }
+
+
+def save_model(path: Path, net: nn.Module, meta: dict[str, Any], kwargs: dict[str, Any], epoch: int,
+               extra: dict[str, Any] | None = None) -> None:
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    save_atomic({**meta, "model_kwargs": kwargs, "state_dict": state, "epoch": epoch, **(extra or {})}, path)
+
+
+def _fit_torch(cfg, net, train_loader, val_loader, prep, device, amp, modes, out, progress) -> int:
+    if len(train_loader) == 0:
+        raise ValueError(f"{cfg.store}: too few training samples for one batch; raise --train-fraction")
+    kwargs = model_kwargs(cfg, len(prep.classes), prep.img_size)
+    meta = _checkpoint_meta(cfg, prep)
+    y_train = prep.joined.labels[prep.splits["train"]]
+    weight = class_weights(y_train, len(prep.classes)).to(device) if cfg.class_weighting else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    eval_criterion = nn.CrossEntropyLoss(weight=weight)
+    optimizer = make_optimizer(net, cfg.lr, cfg.weight_decay)
+    steps = len(train_loader)
+    scheduler = cosine_schedule(optimizer, cfg.epochs * steps, cfg.warmup_epochs * steps)
+    early = EarlyStopping(cfg.patience)
+    y_val = prep.joined.labels[prep.splits["val"]]
+    monitor = "auc" if len(np.unique(y_val)) > 1 else "loss"
+    if monitor == "loss":
+        log("validation set holds one class: early stopping on validation loss instead of AUC", progress)
+    start = 0
+    last = out / "last.pt"
+    if cfg.resume and last.exists():
+        ck = load_checkpoint(last)
+        check_resumable(ck["config"], dataclasses.asdict(cfg), [k for k in ck["config"] if k not in RESUME_FREE], last)
+        if ck["store"]["signature"] != meta["store"]["signature"] or ck["splits"] != meta["splits"]:
+            raise TrainingError(f"{last}: the store or its splits changed since this run started; use another --out")
+        net.load_state_dict(ck["state_dict"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        amp.scaler.load_state_dict(ck["scaler"])
+        early.load_state_dict(ck["early"])
+        set_rng_state(ck["rng"])
+        start = int(ck["epoch"])
+        log(f"resuming {out} after epoch {start}" + (" (already finished)" if ck.get("finished") else ""), progress)
+        if ck.get("finished"):
+            return early.best_epoch + 1
+    elif cfg.resume:
+        log(f"--resume: {last} not found, starting a new run", progress)
+    history = History(out / "history.csv", HISTORY_FIELDS, keep_epochs=start)
+    for epoch in range(start, cfg.epochs):
+        t = time.perf_counter()
+        train_loader.batch_sampler.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        with progress_bar(f"epoch {epoch + 1}", total=steps, enabled=progress, unit="batch") as advance:
+            loss = train_epoch(net, train_loader, optimizer, scheduler, amp, criterion, device, modes, gen, epoch,
+                               last, cfg.clip_grad, advance)
+        probs, val_loss = predict_loader(net, val_loader, device, amp, eval_criterion)
+        vm = classification_metrics(y_val, probs, prep.classes, val_loss)
+        value = vm["auc"] if monitor == "auc" else -val_loss
+        improved = early.step(value, epoch)
+        if improved or not (out / "model.pt").exists():
+            save_model(out / "model.pt", net, meta, kwargs, epoch + 1, {"monitor": {monitor: vm[monitor]}})
+        seconds = time.perf_counter() - t
+        history.append({"epoch": epoch + 1, "train_loss": loss, "val_loss": val_loss, "val_auc": vm["auc"],
+                        "val_accuracy": vm["accuracy"], "val_balanced_accuracy": vm["balanced_accuracy"],
+                        "val_f1_macro": vm["f1_macro"], "lr": optimizer.param_groups[0]["lr"], "seconds": seconds})
+        done = early.stop or epoch + 1 == cfg.epochs
+        save_model(last, net, meta, kwargs, epoch + 1, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": amp.scaler.state_dict(), "early": early.state_dict(), "rng": rng_state(), "finished": done})
+        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  val loss {val_loss:.4f}  val auc {vm['auc']:.4f}  "
+            f"val acc {vm['accuracy']:.4f}  {seconds:.1f}s" + ("  *" if improved else ""), progress)
+        if early.stop:
+            log(f"early stop: no val {monitor} improvement for {cfg.patience} epochs; best epoch "
+                f"{early.best_epoch + 1}", progress)
+            break
+    return early.best_epoch + 1
+
+
+def pooled_features(loader) -> np.ndarray:
+    """Spatially averaged embeddings (N,256) float64, in dataset position order."""
+    n = len(loader.dataset)
+    out = np.zeros((n, 256), np.float64)
+    for batch in loader:
+        out[batch["pos"].numpy()] = batch["sam"].float().mean(dim=(2, 3)).numpy()
+    return out
+
+
+def _fit_probe(cfg, net, train_loader, val_loader, prep, device, amp, out, progress) -> int:
+    """Logistic regression on pooled embeddings; C chosen on validation AUC (one history
+    row per C). Copied into the ``probe`` module, saved like the other models."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    cs = [float(c) for c in str(cfg.probe_c).split(",") if c.strip()]
+    if not cs or min(cs) <= 0:
+        raise ValueError(f"--probe-c {cfg.probe_c!r}: give positive inverse regularisation strengths, e.g. 0.01,0.1,1")
+    labels = prep.joined.labels
+    y_tr, y_va = labels[prep.splits["train"]], labels[prep.splits["val"]]
+    if len(np.unique(y_tr)) < 2:
+        raise ValueError(f"{cfg.store}: the training subset holds one class; raise --train-fraction")
+    x_tr, x_va = pooled_features(train_loader), pooled_features(val_loader)
+    scaler = StandardScaler().fit(x_tr)
+    k = len(prep.classes)
+    history = History(out / "history.csv", HISTORY_FIELDS + ["C"])
+    best, best_fit, best_i = (-math.inf, -math.inf), None, 0
+    for i, c in enumerate(cs):
+        t = time.perf_counter()
+        lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if cfg.class_weighting else None)
+        lr.fit(scaler.transform(x_tr), y_tr)
+        full = np.zeros((len(x_va), k))
+        full[:, lr.classes_] = lr.predict_proba(scaler.transform(x_va))
+        vm = classification_metrics(y_va, full, prep.classes, log_loss(y_va, full, labels=list(range(k))))
+        p_tr = np.zeros((len(x_tr), k))
+        p_tr[:, lr.classes_] = lr.predict_proba(scaler.transform(x_tr))
+        value = (vm["auc"] if math.isfinite(vm["auc"]) else -math.inf, -vm["loss"])  # ties: lower val loss
+        history.append({"epoch": i + 1, "train_loss": log_loss(y_tr, p_tr, labels=list(range(k))),
+                        "val_loss": vm["loss"], "val_auc": vm["auc"], "val_accuracy": vm["accuracy"],
+                        "val_balanced_accuracy": vm["balanced_accuracy"], "val_f1_macro": vm["f1_macro"],
+                        "C": c, "seconds": time.perf_counter() - t})
+        log(f"probe C={c:g}  val auc {vm['auc']:.4f}  val acc {vm['accuracy']:.4f}", progress)
+        if value > best:
+            best, best_fit, best_i = value, lr, i
+    if len(best_fit.classes_) != k:
+        raise ValueError(f"{cfg.store}: the training subset lacks some classes; raise --train-fraction")
+    net.set_from_sklearn(scaler, best_fit)
+    save_model(out / "model.pt", net, _checkpoint_meta(cfg, prep), model_kwargs(cfg, k, prep.img_size), best_i + 1,
+               {"monitor": {"C": cs[best_i]}})
+    return best_i + 1
+
+
+# --- outputs -------------------------------------------------------------------------
+
+def score_and_write(net: nn.Module, parts: dict[str, tuple[np.ndarray, Any]], prep: Prepared, device, amp: Amp,
+                    out: Path, plots: bool = True, attention_images: int = 6) -> dict[str, Any]:
+    """Score each split, write predictions.csv and the figures; returns {split: metrics}."""
+    st, classes = prep.joined.store, prep.classes
+    metrics: dict[str, Any] = {}
+    rows_out = []
+    results = {}
+    for split, (rows, ldr) in parts.items():
+        probs, _ = predict_loader(net, ldr, device, amp)
+        y = st.labels[rows]
+        metrics[split] = classification_metrics(y, probs, classes)
+        results[split] = (rows, y, probs)
+        for r, yy, p in zip(rows, y, probs):
+            rows_out.append([str(st.ids[r]), split, int(yy), classes[int(yy)], int(p.argmax()), classes[int(p.argmax())],
+                             *[f"{v:.6f}" for v in p]])
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "split", "label", "label_name", "pred", "pred_name",
+                    *[f"prob_{safe_name(c)}" for c in classes]])
+        w.writerows(rows_out)
+    if plots:
+        write_plots(net, results, prep, device, out, attention_images)
+    return metrics
+
+
+def write_plots(net, results, prep: Prepared, device, out: Path, attention_images: int) -> None:
+    from . import plots
+
+    classes = prep.classes
+    split = "test" if "test" in results else next(iter(results))
+    rows, y, probs = results[split]
+    if len(rows):
+        plots.plot_confusion(confusion(y, probs, len(classes)), classes, out / f"confusion_{split}.png",
+                             f"{split} confusion")
+        plots.plot_roc(y, probs, classes, out / f"roc_{split}.png", f"{split} ROC")
+    if (out / "history.csv").exists():
+        with open(out / "history.csv", newline="") as f:
+            hist = list(csv.DictReader(f))
+        if hist:
+            plots.plot_history(hist, out / "history.png")
+    if getattr(net, "stage_names", None) and attention_images > 0 and len(rows):
+        pick = _spread(y, attention_images)
+        sel = rows[pick]
+        st, ds = prep.joined.store, prep.joined.dataset
+        images = torch.stack([prepare_image(ds.load_image(int(r)), prep.img_size) for r in sel])
+        sam = torch.from_numpy(st.read(sel, np.float32)).to(device)
+        maps = {k: v.float().cpu().numpy() for k, v in net.eval().attention_maps(sam).items()}
+        shown = (images * IMAGE_STD + IMAGE_MEAN).clamp(0, 1)
+        shown = shown[:, 0].numpy() if torch.equal(shown[:, 0], shown[:, 1]) else shown.permute(0, 2, 3, 1).numpy()
+        titles = [f"{st.ids[r]}\n{classes[y[i]]} -> {classes[int(probs[i].argmax())]} "
+                  f"({probs[i].max():.2f})" for r, i in zip(sel, pick)]
+        plots.plot_attention(shown, maps, titles, out / "slca_attention.png")
+
+
+def _spread(y: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n`` positions, classes taken in turn (first samples of each class)."""
+    by = [list(np.flatnonzero(y == c)) for c in np.unique(y)]
+    pick: list[int] = []
+    while len(pick) < n and any(by):
+        for b in by:
+            if b and len(pick) < n:
+                pick.append(b.pop(0))
+    return np.asarray(sorted(pick), dtype=np.int64)

@@ -1,0 +1,153 @@
+"""Stage-two networks: the SLCA block, the timm classifier with SLCA hooks, the SAM-only
+models and the registry."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from stages.models import SLCA, LinearProbe, create_model, list_models
+from stages.models.classifier import resolve_stages
+
+TINY_SWIN = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+
+
+def _sam(b: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 256, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_lists_the_four_models_and_refuses_unknown_names():
+    assert {"slca", "backbone", "sam_head", "probe"} <= set(list_models())
+    assert create_model("sam-head", num_classes=3)(None, _sam()).shape == (2, 3)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        create_model("nope")
+
+
+def test_slca_residual_gate_is_identity_at_init_and_learns():
+    x = torch.randn(2, 32, 16, 16)
+    block = SLCA(32, window=8)
+    assert torch.equal(block(x, _sam()), x)
+    # the zero-initialised last conv gets a gradient at once, so training leaves the identity
+    block(x, _sam()).square().sum().backward()
+    assert block.fc2.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        block.fc2.weight.normal_(0, 1.0)
+    y = block(x, _sam())
+    assert y.shape == x.shape and not torch.allclose(y, x)
+    ratio = y / x
+    assert ((ratio > 0) & (ratio < 2)).all()  # 1 + (2a - 1) with a in (0, 1)
+
+
+def test_slca_gate_is_local_to_its_window():
+    """Changing the SAM embeddings inside one 8x8 window changes the gate only there
+    (global pooling, window 0, would change it everywhere)."""
+    sam = _sam(1)
+    bumped = sam.clone()
+    bumped[:, :, 0:8, 0:8] += 3.0  # window (0,0) of the 8x8 window grid
+    block = SLCA(16, window=8, gate="mul")
+    a, b = block.attention(sam), block.attention(bumped)
+    assert a.shape == (1, 16, 8, 8)
+    changed = (a - b).abs().amax(dim=1)[0] > 1e-6
+    assert changed[0, 0] and changed.sum() == 1
+    glob = SLCA(16, window=0, gate="mul")
+    assert glob.attention(sam).shape == (1, 16, 1, 1)
+
+
+def test_slca_mul_gate_and_channels_last_match():
+    block = SLCA(8, window=4, gate="mul")
+    x = torch.randn(2, 8, 10, 10)
+    sam = _sam()
+    y = block(x, sam)
+    assert y.shape == x.shape and (y.abs() <= x.abs() + 1e-6).all()  # sigmoid in (0,1)
+    y_nhwc = block(x.permute(0, 2, 3, 1), sam, channels_last=True)
+    torch.testing.assert_close(y_nhwc.permute(0, 3, 1, 2), y)
+    with pytest.raises(ValueError, match="gate"):
+        SLCA(8, gate="add")
+
+
+def test_resolve_stages_specs():
+    info = timm.create_model("resnet10t").feature_info
+    names = [d["module"] for d in info]
+    assert [names[i] for i in resolve_stages(info, "all")] == ["layer1", "layer2", "layer3", "layer4"]
+    assert [names[i] for i in resolve_stages(info, "last2")] == ["layer3", "layer4"]
+    assert [names[i] for i in resolve_stages(info, "-1,layer2")] == ["layer2", "layer4"]
+    with pytest.raises(ValueError, match="unknown SLCA stage 'layer9'"):
+        resolve_stages(info, "layer9")
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_stages(info, [7])
+
+
+def test_slca_classifier_equals_backbone_at_init_and_differs_once_the_gate_moves():
+    torch.manual_seed(0)
+    net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32).eval()
+    base = create_model("backbone", backbone="resnet10t", num_classes=3, img_size=32).eval()
+    missing = base.load_state_dict({k: v for k, v in net.state_dict().items() if k.startswith("net.")})
+    assert not missing.missing_keys
+    x, sam = torch.randn(2, 3, 32, 32), _sam()
+    assert net.stage_names == ["layer1", "layer2", "layer3", "layer4"]
+    torch.testing.assert_close(net(x, sam), base(x))
+    with torch.no_grad():
+        for block in net.slca.values():
+            block.fc2.weight.normal_(0, 1.0)
+    assert not torch.allclose(net(x, sam), base(x))
+    # deepcopy re-points the hooks at the copy
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for block in twin.slca.values():
+            block.fc2.weight.zero_()
+    torch.testing.assert_close(twin(x, sam), base(x))
+    assert not torch.allclose(net(x, sam), base(x))
+    maps = net.attention_maps(sam)
+    assert list(maps) == net.stage_names and maps["layer3"].shape == (2, 8, 8)
+    with pytest.raises(RuntimeError, match="SAM embeddings"):
+        net(x)
+
+
+def test_slca_on_swin_v2_token_maps():
+    net = create_model("slca", backbone="swinv2_tiny_window8_256", num_classes=2, img_size=64,
+                       stages="last2", backbone_kwargs=TINY_SWIN)
+    assert net.channels_last and net.stage_names == ["layers.2", "layers.3"]
+    with torch.no_grad():
+        for block in net.slca.values():
+            block.fc2.weight.normal_(0, 1.0)
+    x, sam = torch.randn(2, 3, 64, 64), _sam()
+    logits = net(x, sam)
+    assert logits.shape == (2, 2)
+    logits.sum().backward()
+    assert all(b.fc1.weight.grad is not None for b in net.slca.values())
+
+
+def test_unknown_backbone_and_checkpoint_loading(tmp_path):
+    with pytest.raises(ValueError, match="unknown timm backbone"):
+        create_model("slca", backbone="resnet_nope")
+    src = timm.create_model("resnet10t", num_classes=5)
+    torch.save(src.state_dict(), tmp_path / "r10t.pth")
+    net = create_model("slca", backbone="resnet10t", num_classes=2, img_size=32)
+    loaded, skipped = net.load_backbone(tmp_path / "r10t.pth")
+    assert skipped == 2 and loaded > 50  # fc.weight / fc.bias have another class count
+    torch.testing.assert_close(net.net.conv1[0].weight, src.conv1[0].weight)
+    torch.save(timm.create_model("convnext_atto").state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="another architecture"):
+        net.load_backbone(tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_linear_probe_reproduces_sklearn(k):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    sam = torch.from_numpy(rng.normal(size=(30, 256, 4, 4)).astype(np.float32))
+    y = np.arange(30) % k
+    sam[:, :4] += torch.from_numpy(y.astype(np.float32))[:, None, None, None]
+    x = sam.mean(dim=(2, 3)).double().numpy()
+    scaler = StandardScaler().fit(x)
+    lr = LogisticRegression(max_iter=2000).fit(scaler.transform(x), y)
+    probe = create_model("probe", num_classes=k)
+    assert isinstance(probe, LinearProbe)
+    probe.set_from_sklearn(scaler, lr)
+    got = torch.softmax(probe(None, sam), dim=1).detach().numpy()
+    np.testing.assert_allclose(got, lr.predict_proba(scaler.transform(x)), atol=1e-5)

@@ -1,0 +1,310 @@
+"""Stage two, classification: training every model kind from a real (toy) feature store,
+metrics, splits, refusal of mismatched or stale stores, reproducibility, NaN guard, resume,
+and the CLI end to end on a store extracted with the real encoder."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from cache import FeatureStore, SignatureMismatchError, StoreError
+from stages.datasets.base import Sample
+from stages.train import ClassifyConfig, TrainingError, train_classifier
+from stages.train import classify as classify_mod
+from stages.train.data import (
+    ShardBatchSampler,
+    assign_splits,
+    augment,
+    auto_img_size,
+    open_joined,
+    prepare_image,
+    subsample,
+)
+from stages.train.loop import load_checkpoint
+from stages.train.metrics import classification_metrics
+from toy_store import make_toy
+
+FAST = dict(backbone="resnet10t", img_size=32, batch_size=8, workers=0, epochs=2, plots=False)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return make_toy(root, n_per_class=12)
+
+
+def _cfg(url: str, out: Path, **kw) -> ClassifyConfig:
+    return ClassifyConfig(store=url, out=str(out), **{**FAST, **kw})
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("model", ["slca", "backbone", "sam-head", "probe"])
+def test_every_model_kind_trains_and_writes_its_outputs(toy, tmp_path, model):
+    ds, url = toy
+    plots = model == "slca"
+    m = train_classifier(_cfg(url, tmp_path, model=model, plots=plots, attention_images=2), dataset=ds,
+                         progress=False)
+    for f in ("model.pt", "metrics.json", "history.csv", "predictions.csv", "config.json"):
+        assert (tmp_path / f).is_file(), f
+    if plots:
+        for f in ("confusion_test.png", "roc_test.png", "history.png", "slca_attention.png"):
+            assert (tmp_path / f).stat().st_size > 1000, f
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved) >= {"val", "test", "n_train", "best_epoch"}
+    assert set(saved["test"]) >= {"accuracy", "balanced_accuracy", "auc", "f1_macro", "precision_c0", "recall_c1"}
+    preds = _csv(tmp_path / "predictions.csv")
+    held_out = sum(1 for x in ds.samples if x.split in ("val", "test"))
+    assert len(preds) == saved["val"]["n"] + saved["test"]["n"] == held_out
+    assert {p["split"] for p in preds} == {"val", "test"}
+    p = np.asarray([[float(r["prob_c0"]), float(r["prob_c1"])] for r in preds])
+    np.testing.assert_allclose(p.sum(axis=1), 1, atol=1e-5)
+    hist = _csv(tmp_path / "history.csv")
+    assert len(hist) == (5 if model == "probe" else 2) and all(float(r["seconds"]) >= 0 for r in hist)
+    ck = load_checkpoint(tmp_path / "model.pt")
+    assert ck["task"] == "classify" and ck["classes"] == ["c0", "c1"]
+    assert ck["store"]["signature"] == FeatureStore(url).signature
+    assert ck["config"]["model"] == model
+    # evaluate re-scores the saved model to the same test metrics
+    from stages.evaluate import evaluate_classifier
+
+    again = evaluate_classifier(tmp_path / "model.pt", url, dataset=ds, progress=False)
+    for k in ("accuracy", "auc", "f1_macro"):
+        assert again["test"][k] == pytest.approx(m["test"][k], nan_ok=True)
+
+
+def test_loss_decreases_on_a_learnable_toy(toy, tmp_path):
+    ds, url = toy
+    m = train_classifier(_cfg(url, tmp_path, model="slca", epochs=6, lr=3e-3, augment="none", patience=0),
+                         dataset=ds, progress=False)
+    losses = [float(r["train_loss"]) for r in _csv(tmp_path / "history.csv")]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert m["val"]["auc"] >= 0.75
+
+
+def test_same_seed_same_run(toy, tmp_path):
+    ds, url = toy
+    runs = []
+    for name in ("a", "b", "c"):
+        seed = 1 if name == "c" else 0
+        train_classifier(_cfg(url, tmp_path / name, model="slca", augment="flip,rot,photometric", seed=seed,
+                              epochs=1), dataset=ds, progress=False)
+        runs.append(load_checkpoint(tmp_path / name / "model.pt")["state_dict"])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+def test_metrics_match_sklearn_on_known_predictions():
+    y = np.array([0, 0, 1, 1, 2, 2, 2, 0])
+    prob = np.array([[.7, .2, .1], [.3, .4, .3], [.1, .8, .1], [.5, .3, .2],
+                     [.1, .1, .8], [.2, .2, .6], [.3, .5, .2], [.6, .3, .1]])
+    m = classification_metrics(y, prob, ["a", "b", "c"])
+    pred = prob.argmax(1)
+    assert m["accuracy"] == skm.accuracy_score(y, pred) == 5 / 8
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+    assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["precision_b"] == pytest.approx(skm.precision_score(y, pred, average=None)[1])
+    assert m["recall_c"] == pytest.approx(2 / 3)
+    yb = np.array([0, 1, 1, 0, 1])
+    pb = np.array([[.9, .1], [.4, .6], [.6, .4], [.2, .8], [.1, .9]])
+    assert classification_metrics(yb, pb, ["n", "p"])["auc"] == pytest.approx(skm.roc_auc_score(yb, pb[:, 1]))
+    assert np.isnan(classification_metrics(np.array([1, 1]), pb[:2], ["n", "p"])["auc"])
+
+
+def test_store_of_another_dataset_is_refused(toy):
+    ds, url = toy
+    other = dataclasses.replace(ds, samples=[dataclasses.replace(s, label=1 - s.label) if i == 0 else s
+                                             for i, s in enumerate(ds.samples)])
+    with pytest.raises(SignatureMismatchError, match="same ids, different labels"):
+        open_joined(url, other)
+    fewer = dataclasses.replace(ds, samples=ds.samples[:-1], images=ds.images[:-1])
+    with pytest.raises(SignatureMismatchError, match="1 store ids not in the dataset"):
+        open_joined(url, fewer)
+    kind = dataclasses.replace(ds, kind="imagefolder")
+    with pytest.raises(SignatureMismatchError, match="dataset kind"):
+        open_joined(url, kind)
+
+
+def test_image_changed_since_extraction_is_refused(toy, tmp_path):
+    ds, url = toy
+    images = list(ds.images)
+    images[5] = images[5].copy()
+    images[5][0, 0] ^= 1
+    stale = dataclasses.replace(ds, images=images)
+    with pytest.raises(StoreError, match=r"image 'img0005' changed since it was extracted.*pipeline extract"):
+        train_classifier(_cfg(url, tmp_path, model="probe"), dataset=stale, progress=False)
+
+
+def test_splits_without_official_ones_are_stratified_seeded_and_group_aware():
+    n = 60
+    labels = np.arange(n) % 3
+    groups = np.asarray([f"vol{i // 4}" if i < 24 else "" for i in range(n)], dtype=object)
+    rows = np.arange(n)
+    empty = np.asarray([""] * n, dtype=object)
+    a = assign_splits(rows, labels, empty, groups, seed=3)
+    b = assign_splits(rows, labels, empty, groups, seed=3)
+    assert all(np.array_equal(a[s], b[s]) for s in a)
+    assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(n))
+    for s in ("train", "val", "test"):
+        assert set(labels[a[s]]) == {0, 1, 2}, s
+    where = {r: s for s, rr in a.items() for r in rr}
+    for g in {g for g in groups if g}:
+        assert len({where[r] for r in rows[groups == g]}) == 1  # a volume never straddles splits
+    # official splits are kept; a missing val split is carved from train
+    given = np.asarray(["train"] * 40 + ["test"] * 20, dtype=object)
+    c = assign_splits(rows, labels, given, np.asarray([""] * n, dtype=object), seed=0)
+    assert np.array_equal(c["test"], np.arange(40, 60)) and len(c["val"]) > 0
+    assert set(c["val"]) <= set(range(40))
+
+
+def test_train_fraction_is_stratified_seeded_and_nested():
+    labels = np.r_[np.zeros(80, int), np.ones(20, int)]
+    rows = np.arange(100)
+    g = np.asarray([""] * 100, dtype=object)
+    s10, s50 = subsample(rows, labels, g, 0.1, seed=0), subsample(rows, labels, g, 0.5, seed=0)
+    assert np.bincount(labels[s10]).tolist() == [8, 2]
+    assert set(s10) <= set(s50)
+    assert not np.array_equal(s10, subsample(rows, labels, g, 0.1, seed=1))
+    assert np.bincount(labels[subsample(rows, labels, g, 0.01, seed=0)]).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="train-fraction"):
+        subsample(rows, labels, g, 0.0, seed=0)
+
+
+def test_shard_sampler_covers_each_sample_once_and_keeps_shards_together():
+    rows = np.arange(0, 128)
+    s = ShardBatchSampler(rows, shard_size=16, batch_size=16, shuffle=True, seed=0, mix=2)
+    s.set_epoch(0)
+    batches = list(s)
+    assert len(batches) == len(s) == 8
+    flat = sorted(p for b in batches for p in b)
+    assert flat == list(range(128))
+    assert all(len({rows[p] // 16 for p in b}) <= 2 for b in batches)
+    s.set_epoch(1)
+    assert list(s) != batches
+    ev = ShardBatchSampler(rows[::-1], 16, 50, shuffle=False)
+    assert [len(b) for b in ev] == [50, 50, 28]
+
+
+def test_augmentation_moves_image_and_sam_grid_together():
+    gen = torch.Generator().manual_seed(0)
+    pattern = torch.rand(4, 1, 64, 64)
+    image, sam = pattern.expand(4, 3, 64, 64).clone(), pattern.expand(4, 256, 64, 64).clone()
+    img2, sam2 = augment(image, sam, ("rot",), gen)
+    assert not torch.equal(img2, image)
+    torch.testing.assert_close(img2[:, :1], sam2[:, :1])
+    img3, sam3 = augment(image, sam, ("photometric",), gen)
+    assert torch.equal(sam3, sam) and not torch.equal(img3, image)
+
+
+def test_prepare_image_pads_like_the_encoder():
+    img = np.full((20, 40), 255, np.uint8)
+    x = prepare_image(img, 64)
+    assert x.shape == (3, 64, 64)
+    top, bottom = x[0, :28].mean(), x[0, 36:].mean()
+    assert top > 2 and bottom < -2  # image at the top, zero padding below
+    assert auto_img_size(np.array([28]), np.array([28])) == 64
+    assert auto_img_size(np.array([512]), np.array([400])) == 224
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint_then_resume(toy, tmp_path, monkeypatch):
+    ds, url = toy
+    cfg = _cfg(url, tmp_path / "run", model="sam-head", epochs=3)
+    real = classify_mod.augment
+    calls = {"n": 0}
+    per_epoch = -(-sum(1 for x in ds.samples if x.split == "train") // cfg.batch_size)
+
+    def poisoned(image, sam, modes, gen):
+        calls["n"] += 1
+        image, sam = real(image, sam, modes, gen)
+        if calls["n"] > per_epoch:  # from the first batch of epoch 2 on
+            sam = sam * float("nan")
+        return image, sam
+
+    monkeypatch.setattr(classify_mod, "augment", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 2.*last\.pt.*--resume"):
+        train_classifier(cfg, dataset=ds, progress=False)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["state_dict"].values()
+                                      if v.is_floating_point())
+    with pytest.raises(TrainingError, match="--resume"):
+        train_classifier(cfg, dataset=ds, progress=False)  # an earlier run is there
+    monkeypatch.setattr(classify_mod, "augment", real)
+    train_classifier(dataclasses.replace(cfg, resume=True), dataset=ds, progress=False)
+    resumed = load_checkpoint(tmp_path / "run" / "model.pt")
+    # the uninterrupted run gives the same weights and history
+    train_classifier(dataclasses.replace(cfg, out=str(tmp_path / "ref")), dataset=ds, progress=False)
+    ref = load_checkpoint(tmp_path / "ref" / "model.pt")
+    assert resumed["epoch"] == ref["epoch"]
+    assert all(torch.equal(resumed["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])
+    a = _csv(tmp_path / "run" / "history.csv")
+    b = _csv(tmp_path / "ref" / "history.csv")
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b] and len(a) == 3
+    with pytest.raises(TrainingError, match="cannot resume a run made with other settings.*lr"):
+        train_classifier(dataclasses.replace(cfg, resume=True, lr=0.5), dataset=ds, progress=False)
+
+
+def test_in_memory_equals_lazy(toy, tmp_path):
+    ds, url = toy
+    a = train_classifier(_cfg(url, tmp_path / "lazy", model="sam-head", epochs=1), dataset=ds, progress=False)
+    b = train_classifier(_cfg(url, tmp_path / "mem", model="sam-head", epochs=1, in_memory=True), dataset=ds,
+                         progress=False)
+    assert a["test"] == b["test"]
+
+
+def test_cli_train_evaluate_predict_on_a_real_store(synthetic_store, synthetic_root, tmp_path):
+    """End to end through the CLI: probe and sam-head on a litemedsam store of the phantoms,
+    then `evaluate` and `predict` (which runs the real encoder on image files)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "probe"
+    r = runner.invoke(app, ["train", "--from-cache", str(synthetic_store), "--model", "probe", "--out", str(out),
+                            "--no-plots", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "auc" in r.stdout and (out / "model.pt").is_file()
+    r = runner.invoke(app, ["evaluate", str(out / "model.pt"), "--split", "all", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["all"]["n"] == 12
+    images = sorted((synthetic_root / "images").glob("*.png"))[:2]
+    r = runner.invoke(app, ["predict", str(out / "model.pt"), *map(str, images), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert len(rows) == 2 and abs(sum(rows[0]["probs"].values()) - 1) < 1e-5
+    assert set(rows[0]["probs"]) == {"benign", "cyst", "malignant"}
+    r = runner.invoke(app, ["train", "--from-cache", str(synthetic_store), "--model", "probe", "--out", str(out),
+                            "-q"])
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = runner.invoke(app, ["train", "--from-cache", str(synthetic_store), "--model", "nope", "--out",
+                            str(tmp_path / "x"), "-q"])
+    assert r.exit_code == 2 and "unknown --model 'nope'" in r.output
+
+
+def test_cli_dispatches_the_segment_task(synthetic_store, tmp_path):
+    """`train --task segment` and `evaluate` of its model.pt reach the segmentation stage."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "seg"
+    r = runner.invoke(app, ["train", "--from-cache", str(synthetic_store), "--task", "segment", "--head", "linear",
+                            "--epochs", "1", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(out / "model.pt")["task"] == "segment"
+    r = runner.invoke(app, ["evaluate", str(out / "model.pt"), "--out", str(tmp_path / "ev"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ev" / "metrics.json").is_file()
+    r = runner.invoke(app, ["train", "--from-cache", str(synthetic_store), "--task", "nope", "--out", str(out)])
+    assert r.exit_code == 2 and "--task 'nope'" in r.output
