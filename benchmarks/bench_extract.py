@@ -93,7 +93,8 @@ class Bench:
 
         kw = dict(dataset="synthetic", data_root=str(root), out=str(out), encoder=self.encoder_name,
                   checkpoint=self.checkpoint, device=self.a.device, precision=self.a.precision,
-                  batch_size=self.a.batch_size, workers=self.a.workers, threads=self.a.threads, overwrite=True)
+                  batch_size=self.a.batch_size, workers=self.a.workers, threads=self.a.threads,
+                  streams=self.a.streams, fast=self.a.fast, overwrite=True)
         kw.update(over)
         return ExtractConfig(**kw)
 
@@ -110,7 +111,7 @@ class Bench:
 
         from cache import DEFAULT_SHARD, shard_ranges
         from stages.datasets import open_dataset
-        from stages.extract import default_batch_size, extract, shard_batches, torch_threads
+        from stages.extract import default_batch_size, extract, shard_batches, stream_plan, torch_threads
 
         root, n = make_data(self.work / f"syn{self.a.n}", self.a.n, self.a.size)
         ds = open_dataset("synthetic", root)
@@ -119,26 +120,38 @@ class Bench:
         out = self.work / f"bench{n}.zarr"
         self.store_n = out
         ours = timed(lambda: extract(self.cfg(root, out), progress=False), r)
+        other = None
+        if self.a.compare_fast:  # the same run with the fused kernels switched the other way
+            note(f"1. extract {'without' if self.a.fast else 'with'} --fast: {n} images x {r}")
+            other = timed(lambda: extract(self.cfg(root, self.work / "other.zarr", fast=not self.a.fast),
+                                          progress=False), r)
         note(f"1. naive reference loop: {n} images x {r}")
         naive = timed(lambda: self.naive_loop(ds), r)
-        ips_ours, ips_naive = n / median(ours), n / median(naive)
-        self.rows["1"] = [
-            ["naive per-image reference loop (fp32, batch 1)", spread(naive), f"{ips_naive:.2f}", "1.00x"],
-            [f"pipeline extract ({self.precision}, batch {self.a.batch_size or default_batch_size(self.device)})",
-             spread(ours), f"{ips_ours:.2f}", f"{ips_ours / ips_naive:.2f}x"],
-        ]
+        ips_naive = n / median(naive)
+        bs = self.a.batch_size or default_batch_size(self.device)
+        with torch_threads(self.a.threads):
+            streams, per = stream_plan(self.a.streams, self.device)
+        how = f"{self.precision}, batch {bs}, {streams} stream(s) x {per} thread(s)"
+        self.rows["1"] = [["naive per-image reference loop (fp32, batch 1, torch's default threads)",
+                           spread(naive), f"{ips_naive:.2f}", "1.00x"]]
+        for t, fast in ((ours, self.a.fast), (other, not self.a.fast)):
+            if t is not None:
+                self.rows["1"].append([f"pipeline extract{' --fast' if fast else ''} ({how})", spread(t),
+                                       f"{n / median(t):.2f}", f"{n / median(t) / ips_naive:.2f}x"])
 
         note(f"2. pure encoder compute: {n} images x {r}")
         enc = self.encoder()
-        bs = self.a.batch_size or default_batch_size(self.device)
         batches = shard_batches(shard_ranges(n, DEFAULT_SHARD), bs)
-        with torch_threads(self.a.threads):
-            prepared = [enc.prepare(ds.load_image(i)) for i in range(n)]
-            inputs = [torch.stack([prepared[i] for i in b]) for b in batches]
-            if self.device.type == "cuda":
-                inputs = [x.to(self.device) for x in inputs]
+        prepared = [enc.prepare(ds.load_image(i)) for i in range(n)]
+        inputs = [torch.stack([prepared[i] for i in b]) for b in batches]
+        if self.device.type == "cuda":
+            inputs = [x.to(self.device) for x in inputs]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with torch_threads(per), ThreadPoolExecutor(streams) as pool:  # as extract runs it
             enc.forward(inputs[0][:1], amp_dtype=self.amp)  # warm-up (kernels, caches)
-            compute = timed(lambda: [enc.forward(x, amp_dtype=self.amp) for x in inputs], r, self.sync)
+            run = lambda: list(pool.map(lambda x: enc.forward(x, amp_dtype=self.amp), inputs))  # noqa: E731
+            compute = timed(run, r, self.sync)
             flops = self.flops(enc, inputs[0][:1])
         c = median(compute)
         achieved = flops * n / c
@@ -304,7 +317,7 @@ class Bench:
             cmd = ["-m", "pipeline", "extract", "-d", "synthetic", "-r", str(root), "-o", str(out), "-e",
                    self.encoder_name, "--device", self.a.device, "--precision", self.a.precision, "--overwrite", "-q",
                    "--batch-size", str(self.a.batch_size), "--workers", str(self.a.workers),
-                   "--threads", str(self.a.threads)]
+                   "--threads", str(self.a.threads), "--streams", str(self.a.streams)] + (["--fast"] if self.a.fast else [])
             if self.checkpoint:
                 cmd += ["--checkpoint", self.checkpoint]
             peak, wall = peak_rss([sys.executable, *cmd])
@@ -405,6 +418,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=0, help="0: pipeline extract's default")
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: pipeline extract's default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--streams", type=int, default=0, help="pipeline extract --streams (0: its default)")
+    p.add_argument("--fast", action="store_true", help="pipeline extract --fast for every section")
+    p.add_argument("--no-compare-fast", dest="compare_fast", action="store_false",
+                   help="skip the extra section-1 row with --fast switched the other way")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak, if not in the built-in table")
     p.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (2 comes with 1)")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp dir)")

@@ -33,7 +33,7 @@ def extract(
     encoder: str = typer.Option("litemedsam", "--encoder", "-e", help="litemedsam (embedded weights), vit_b, vit_l, vit_h, or sam (architecture read from --checkpoint)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights file: an official SAM checkpoint for vit_*, optional for litemedsam."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
-    batch_size: int = typer.Option(0, "--batch-size", "-b", help="Images per encoder call (0: 8 on CPU, 32 on GPU); batches never cross a shard."),
+    batch_size: int = typer.Option(0, "--batch-size", "-b", help="Images per encoder call (0: 1 on CPU, where --streams run in parallel; 32 on GPU); batches never cross a shard."),
     workers: int = typer.Option(-1, "--workers", help="DataLoader processes decoding and resizing images (-1: automatic)."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 (default), float32, or int8 (per-channel quantised)."),
     precision: str = typer.Option("auto", "--precision", help="Encoder compute: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
@@ -46,6 +46,9 @@ def extract(
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads per process (0: all cores; with dask: the cores of a worker's host shared by its workers)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Run on the dask.distributed cluster at this scheduler address (tcp://HOST:8786); workers write their own shards."),
     dask_workers: int = typer.Option(0, "--dask-workers", help="Run on a local dask cluster of N worker processes (0: no dask)."),
+    streams: int = typer.Option(0, "--streams", help="Batches encoded at once, in threads (0: one per core on CPU, each with one torch thread; 1 on GPU)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the encoder: faster on GPU for long runs, minutes of compiling first."),
+    fast: bool = typer.Option(False, "--fast", help="Fused encoder kernels (SDPA attention, folded BatchNorm): faster, equal to the reference within float16 rounding but not bit-identical."),
     refresh_changed: bool = typer.Option(False, "--refresh-changed", help="Re-encode the images changed since extraction (content hash; their shards are recomputed whole) instead of refusing the store."),
 ) -> None:
     """Stage one: encode every image once with a frozen SAM-family encoder into a Zarr store.
@@ -63,7 +66,7 @@ def extract(
         checkpoint=str(checkpoint) if checkpoint else None, device=device, batch_size=batch_size,
         workers=workers, dtype=dtype, precision=precision, shard_size=shard_size, overwrite=overwrite,
         skip_bad=skip_bad, dataset_options=parse_options(option, "--option"), storage_options=storage or None,
-        threads=threads, scheduler=scheduler, dask_workers=dask_workers, refresh_changed=refresh_changed,
+        threads=threads, scheduler=scheduler, dask_workers=dask_workers, streams=streams, fast=fast, compile=compile_, refresh_changed=refresh_changed,
     )
     result = run(cfg, progress=not quiet)
     print(result.summary())

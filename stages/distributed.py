@@ -62,6 +62,7 @@ from .extract import (
     make_encoder,
     shard_batches,
     store_signature,
+    stream_plan,
     torch_threads,
     verify_hashes,
     write_failures_report,
@@ -71,7 +72,7 @@ from .runtime import amp_dtype_for, package_versions
 # Fields of ExtractConfig that do not change which encoder a worker builds.
 _NOT_ENCODER = {"dataset", "data_root", "out", "batch_size", "workers", "dtype", "precision", "shard_size",
                 "overwrite", "skip_bad", "dataset_options", "storage_options", "threads", "scheduler",
-                "dask_workers", "device"}
+                "dask_workers", "device", "streams", "refresh_changed"}
 
 
 @dataclass(frozen=True)
@@ -139,13 +140,13 @@ def _worker_address() -> str:
 
 
 def encode_shards(encoder: Encoder, loader: DataLoader, shards: Sequence[tuple[int, int]], device: torch.device,
-                  amp: torch.dtype | None, dataset: Dataset
+                  amp: torch.dtype | None, dataset: Dataset, streams: int = 1
                   ) -> Iterator[tuple[int, np.ndarray, ShardResult]]:
     """Assemble the loader's shard-aligned batches into whole shards:
     yields (start, embeddings (S,256,64,64) float32, results) per shard, in order."""
     bounds = dict(shards)
     buf = None
-    for idx, emb, h, w, hashes, errors in encode_batches(encoder, loader, device, amp):
+    for idx, emb, h, w, hashes, errors in encode_batches(encoder, loader, device, amp, streams):
         if buf is None:
             start = idx[0]
             buf = {"start": start, "emb": np.empty((bounds[start] - start, *EMBED_SHAPE), np.float32),
@@ -173,6 +174,8 @@ def encode_partition(plan: Plan, shards: list[tuple[int, int]]) -> list[ShardRes
     device = _worker_device(plan.device)
     threads = plan.threads.get(_worker_address(), cfg.threads) if device.type == "cpu" else cfg.threads
     with torch_threads(threads):
+        streams, stream_threads = stream_plan(cfg.streams or (1 if cfg.compile else 0), device)
+    with torch_threads(stream_threads):
         dataset = _cached(("dataset", cfg.dataset, cfg.data_root, cfg.dataset_options),
                           lambda: open_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options))
         if dataset.signature() != plan.dataset_signature:
@@ -197,7 +200,7 @@ def encode_partition(plan: Plan, shards: list[tuple[int, int]]) -> list[ShardRes
         )
         out = []
         for start, emb, result in encode_shards(encoder, loader, shards, device, amp_dtype_for(plan.precision),
-                                                dataset):
+                                                dataset, streams):
             write_shard(group, start, emb)
             out.append(result)
         return out
@@ -323,7 +326,7 @@ def extract_distributed(cfg: ExtractConfig, progress: bool = True, *, client=Non
             cfg.out, signature=signature, listing=listing_of(dataset), classes=dataset.classes,
             mask_classes=dataset.mask_classes, shard_size=cfg.shard_size, overwrite=cfg.overwrite,
             provenance={"dataset_root": cfg.data_root, "checkpoint_path": encoder.checkpoint_path,
-                        "device": device, "versions": package_versions()},
+                        "device": device, "fast_kernels": cfg.fast, "versions": package_versions()},
             storage_options=cfg.storage_options,
         )
         del encoder

@@ -186,6 +186,8 @@ def write_report(runs: str | Path, out: str | Path, classify: Sequence[str] | No
     summary = collect(runs, classify, segment)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for sub in ("curves/classify", "curves/segment", "confusion"):  # dvc.yaml's plots name them all;
+        (out / sub).mkdir(parents=True, exist_ok=True)  # a task without runs leaves them empty, not missing
     numbers = {t: {n: {k: v for k, v in s.items() if k not in ("scored_split", "task")} for n, s in rows.items()}
                for t, rows in summary.items()}
     (out / "metrics.json").write_text(json.dumps(numbers, indent=2) + "\n")

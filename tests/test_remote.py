@@ -96,6 +96,14 @@ def test_memory_store_and_hdf5_between_s3_and_memory(s3, data, tmp_path):
     a, b = FeatureStore(mem), FeatureStore(str(tmp_path / "local.zarr"))
     np.testing.assert_array_equal(b.load(), expected)
     assert a.attrs == b.attrs and b.ids.tolist() == a.ids.tolist()
+    # file:// URLs are local folders (with the local lock)
+    url = f"file://{tmp_path}/f.zarr"
+    with StoreWriter.open(url, signature=_sig(), listing=_listing(6), shard_size=2) as w:
+        assert (tmp_path / "f.zarr.lock").exists()
+        _fill(w, data)
+        w.commit()
+    assert (tmp_path / "f.zarr" / "zarr.json").exists()
+    np.testing.assert_array_equal(FeatureStore(url).load(), expected)
 
 
 def test_extract_cli_writes_to_s3(s3, tmp_path, tiny_sam_extract):

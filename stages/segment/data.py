@@ -146,7 +146,7 @@ class SegmentData:
             r = int(self.rows[i])
             if self.dataset.content_hash(i) != self.store.hashes[r]:
                 raise StoreError(f"{self.store.url}: image {self.ids[i]!r} changed since it was extracted; "
-                                 "re-extract the store (pipeline extract ... --overwrite)")
+                                 f"refresh the store with `pipeline extract ... --out {self.store.url} --refresh-changed`")
             self._verified.add(i)
 
     # --- loading ------------------------------------------------------------------

@@ -102,7 +102,7 @@ def check_fresh(store: FeatureStore, dataset: Dataset, rows: Sequence[int]) -> N
     if stale:
         names = ", ".join(repr(str(store.ids[i])) for i in stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
         raise StoreError(f"{store.url}: image {names} changed since it was extracted; refresh the store with "
-                         f"`pipeline extract ... --out {store.url} --overwrite`")
+                         f"`pipeline extract ... --out {store.url} --refresh-changed`")
 
 
 # --- splits ------------------------------------------------------------------------
