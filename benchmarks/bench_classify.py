@@ -7,8 +7,10 @@ seeds, and the cost of one training epoch from the cache vs recomputing the enco
    ``--val-per-class``, ``--test-limit``; 0 = the whole split) and writes it as a MedMNIST
    .npz in ``--work`` (the official splits are kept).
 2. Extracts it once with the default encoder (``pipeline extract``; resumed if interrupted).
-3. Trains every model x fraction x seed with ``train_classifier`` (finished runs in
-   ``--work/runs`` are reused) and prints test AUC / accuracy as mean +- std over seeds.
+3. Trains every model x fraction x seed with ``train_classifier`` (a finished run in the
+   subset's ``runs/`` folder is reused when its config.json matches) and prints test AUC /
+   accuracy as mean +- std over seeds. ``--models`` also takes SLCA variants such as
+   ``slca/gate=mul``, ``slca/window=0``, ``slca/stages=last2`` (the design measurement).
 4. Times one training epoch of ``slca`` reading the cached embeddings, and one epoch
    that runs the encoder on every batch instead (same model, same batches), and prints
    the ratio.
@@ -37,14 +39,15 @@ def log(msg: str) -> None:
 
 
 def make_subset(src: Path, dst: Path, per_class: dict[str, int], test_limit: int, seed: int) -> Path:
-    """Stratified, seeded subset of a MedMNIST .npz (0 = keep the whole split)."""
+    """Stratified, seeded subset of a MedMNIST .npz: ``per_class[split]`` images per class,
+    or for test ``test_limit`` images in the split's class proportions (0 = whole split)."""
     rng = np.random.default_rng(seed)
     out = {}
     with np.load(src) as z:
         for split in ("train", "val", "test"):
             y = z[f"{split}_labels"].reshape(-1)
             n = per_class.get(split, 0)
-            if split == "test" and test_limit:
+            if split == "test" and test_limit and not n:
                 frac = min(1.0, test_limit / len(y))
                 keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:max(1, round(frac * (y == c).sum()))]
                                        for c in np.unique(y)])
@@ -64,27 +67,48 @@ def make_subset(src: Path, dst: Path, per_class: dict[str, int], test_limit: int
     return dst
 
 
-def run_models(args, store: str) -> list[dict]:
+ALIASES = {"gate": "slca_gate", "window": "slca_window", "stages": "slca_stages", "hidden": "slca_hidden",
+           "act": "slca_act", "img": "img_size"}
+FREE = ("store", "out", "overwrite", "in_memory", "workers", "plots", "resume", "device")
+
+
+def variant(spec: str) -> tuple[str, dict]:
+    """``slca/gate=mul/window=0`` -> ("slca", {"slca_gate": "mul", "slca_window": 0})."""
+    model, *opts = spec.split("/")
+    kw = {}
+    for o in opts:
+        k, v = o.split("=", 1)
+        kw[ALIASES.get(k, k)] = int(v) if v.lstrip("-").isdigit() else v
+    return model, kw
+
+
+def run_models(args, store: str, runs: Path) -> list[dict]:
+    import dataclasses
+
     from stages.train import ClassifyConfig, train_classifier
 
     results = []
     for frac in args.fractions:
         for seed in args.seeds:
-            for model in args.models:
-                out = Path(args.work) / "runs" / f"{model}_f{frac:g}_s{seed}"
-                if (out / "metrics.json").exists() and not args.fresh:
+            for spec in args.models:
+                model, extra = variant(spec)
+                out = runs / f"{spec.replace('/', '_').replace('=', '')}_f{frac:g}_s{seed}"
+                cfg = ClassifyConfig(store=store, out=str(out), model=model, backbone=args.backbone,
+                                     img_size=args.img_size, epochs=args.epochs, patience=args.patience,
+                                     batch_size=args.batch_size, train_fraction=frac, seed=seed,
+                                     overwrite=True, plots=False, in_memory=args.in_memory, **extra)
+                want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FREE}
+                old = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+                if (out / "metrics.json").exists() and not args.fresh and \
+                        {k: v for k, v in old.items() if k not in FREE} == want:
                     m = json.loads((out / "metrics.json").read_text())
                     log(f"reusing {out}")
                 else:
-                    cfg = ClassifyConfig(store=store, out=str(out), model=model, backbone=args.backbone,
-                                         img_size=args.img_size, epochs=args.epochs, patience=args.patience,
-                                         batch_size=args.batch_size, train_fraction=frac, seed=seed,
-                                         overwrite=True, plots=False, in_memory=args.in_memory)
                     t = time.perf_counter()
                     m = train_classifier(cfg, progress=False)
                     log(f"{model:9s} fraction {frac:g} seed {seed}: test auc {m['test']['auc']:.4f} "
                         f"acc {m['test']['accuracy']:.4f} ({m['n_train']} train, {time.perf_counter() - t:.0f}s)")
-                results.append({"model": model, "fraction": frac, "seed": seed, "n_train": m["n_train"],
+                results.append({"model": spec, "fraction": frac, "seed": seed, "n_train": m["n_train"],
                                 "test_auc": m["test"]["auc"], "test_accuracy": m["test"]["accuracy"],
                                 "seconds": m.get("train_seconds")})
     return results
@@ -139,7 +163,8 @@ def time_epochs(args, store: str) -> dict:
 
 
 def summarize(results: list[dict], models, fractions) -> str:
-    lines = [f"{'model':10s}{'fraction':>9s}{'n_train':>9s}{'test AUC':>18s}{'test accuracy':>18s}{'seeds':>7s}"]
+    w = max(10, *(len(m) + 2 for m in models))
+    lines = [f"{'model':{w}s}{'fraction':>9s}{'n_train':>9s}{'test AUC':>18s}{'test accuracy':>18s}{'seeds':>7s}"]
     for frac in fractions:
         for model in models:
             rs = [r for r in results if r["model"] == model and r["fraction"] == frac]
@@ -147,7 +172,7 @@ def summarize(results: list[dict], models, fractions) -> str:
                 continue
             auc = np.array([np.nan if r["test_auc"] is None else r["test_auc"] for r in rs], float)
             acc = np.array([r["test_accuracy"] for r in rs], float)
-            lines.append(f"{model:10s}{frac:>9g}{rs[0]['n_train']:>9d}{np.nanmean(auc):>11.4f} +- {np.nanstd(auc):.3f}"
+            lines.append(f"{model:{w}s}{frac:>9g}{rs[0]['n_train']:>9d}{np.nanmean(auc):>11.4f} +- {np.nanstd(auc):.3f}"
                          f"{acc.mean():>11.4f} +- {acc.std():.3f}{len(rs):>7d}")
     return "\n".join(lines)
 
@@ -158,11 +183,13 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "results" / "bench_classify", help="subset, store and runs")
     p.add_argument("--train-per-class", type=int, default=40, help="training images per class (0: all)")
     p.add_argument("--val-per-class", type=int, default=20, help="validation images per class (0: all)")
-    p.add_argument("--test-limit", type=int, default=40, help="test images, stratified (0: all)")
+    p.add_argument("--test-limit", type=int, default=40, help="test images, class proportions kept (0: all)")
+    p.add_argument("--test-per-class", type=int, default=0, help="test images per class instead of --test-limit")
     p.add_argument("--subset-seed", type=int, default=0)
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 1.0])
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
-    p.add_argument("--models", type=lambda s: s.split(","), default=["backbone", "slca", "probe"])
+    p.add_argument("--models", type=lambda s: s.split(","), default=["backbone", "slca", "probe"],
+                   help="comma list of backbone, slca, probe, sam-head; variants as slca/gate=mul/window=0/stages=last2")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--img-size", type=int, default=64, help="backbone input side (28px images are upsampled)")
     p.add_argument("--epochs", type=int, default=30)
@@ -178,20 +205,21 @@ def main() -> None:
 
     if not args.data.is_file():
         sys.exit(f"error: {args.data} not found; pass --data path/to/pneumoniamnist.npz")
-    whole = not (args.train_per_class or args.val_per_class or args.test_limit)
+    whole = not (args.train_per_class or args.val_per_class or args.test_limit or args.test_per_class)
     if whole:
         src = args.data
         store = args.work / "pneumoniamnist_full.zarr"
     else:
-        tag = f"t{args.train_per_class}_v{args.val_per_class}_x{args.test_limit}_s{args.subset_seed}"
+        test = f"x{args.test_limit}" if not args.test_per_class else f"xc{args.test_per_class}"
+        tag = f"t{args.train_per_class}_v{args.val_per_class}_{test}_s{args.subset_seed}"
         src = make_subset(args.data, args.work / tag / "pneumoniamnist.npz",
-                          {"train": args.train_per_class, "val": args.val_per_class}, args.test_limit,
-                          args.subset_seed)
+                          {"train": args.train_per_class, "val": args.val_per_class, "test": args.test_per_class},
+                          args.test_limit, args.subset_seed)
         store = args.work / tag / "store.zarr"
     t = time.perf_counter()
     res = extract(ExtractConfig(dataset="medmnist", data_root=str(src), out=str(store)), progress=True)
     log(res.summary() + f" [{time.perf_counter() - t:.0f}s]")
-    results = run_models(args, str(store))
+    results = run_models(args, str(store), store.parent / "runs")
     timing = None if args.no_timing else time_epochs(args, str(store))
 
     print(f"PneumoniaMNIST {'full' if whole else 'subset ' + src.parent.name}, backbone {args.backbone} at "

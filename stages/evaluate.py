@@ -21,10 +21,11 @@ from cache import FeatureStore, SignatureMismatchError, StoreError
 from .datasets.base import Dataset
 from .models import create_model
 from .runtime import resolve_device, resolve_precision
-from .train.classify import MODEL_FORMAT, Prepared, score_and_write
-from .train.data import ClassifyData, default_workers, make_loader, open_joined
+from .train.classify import MODEL_FORMAT
+from .train.data import ClassifyData, Prepared, default_workers, make_loader, open_joined
 from .train.loop import Amp, load_checkpoint
 from .train.metrics import write_json
+from .train.scoring import score_and_write
 
 ENCODER_KEYS = ("encoder", "checkpoint_sha256", "img_size", "preprocessing")
 
@@ -81,7 +82,7 @@ def evaluate_classifier(model_path: str | Path, store: str, out: str | Path | No
         metrics = score_and_write(net, {split: (rows, loader)}, prep, dev, amp, target, plots)
         write_json({**metrics, "model": str(model_path), "store": str(store)}, target / "metrics.json")
     else:
-        from .train.classify import predict_loader
+        from .train.scoring import predict_loader
         from .train.metrics import classification_metrics
 
         probs, _ = predict_loader(net, loader, dev, amp)

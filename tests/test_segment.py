@@ -200,8 +200,8 @@ def embeddings_from_masks(ds) -> np.ndarray:
     return out
 
 
-def write_store(ds, url: str, emb: np.ndarray | None = None) -> str:
-    sig = make_signature(encoder="toy", checkpoint_sha256="0" * 64, img_size=256, preprocessing={},
+def write_store(ds, url: str, emb: np.ndarray | None = None, encoder: str = "toy") -> str:
+    sig = make_signature(encoder=encoder, checkpoint_sha256="0" * 64, img_size=256, preprocessing={},
                          precision="fp32", dataset_kind=ds.kind, dataset_signature=ds.signature(), dtype="float16")
     emb = embeddings_from_masks(ds) if emb is None else emb
     with StoreWriter.open(url, signature=sig, listing=listing_of(ds), mask_classes=ds.mask_classes,
@@ -351,3 +351,14 @@ def test_train_on_a_real_litemedsam_store_of_2d_images(synthetic_root, synthetic
     assert saved["store_signature"]["encoder"] == "litemedsam" and saved["mask_classes"] == ["background", "lesion"]
     with pytest.raises(ValueError, match="needs a volumetric dataset"):
         train_segmentation(SegmentConfig(**{**cfg.to_dict(), "labeled_volumes": 1, "out": str(tmp_path / "x")}))
+
+
+def test_evaluation_refuses_a_missing_split_and_another_encoder(acdc, tmp_path):
+    root, store = acdc
+    train_segmentation(_cfg(root, store, tmp_path / "run", epochs=1, overlays=0))
+    model = tmp_path / "run" / "model.pt"
+    with pytest.raises(ValueError, match="no samples in split.*test.*the dataset has train, val"):
+        evaluate_segmentation(model, store, str(root), "acdc-h5", tmp_path / "ev", device="cpu", splits=("test",))
+    other = write_store(open_dataset("acdc-h5", root), str(tmp_path / "other.zarr"), encoder="vit_b")
+    with pytest.raises(SignatureMismatchError, match="embeddings made differently.*encoder"):
+        evaluate_segmentation(model, other, str(root), "acdc-h5", tmp_path / "ev", device="cpu")

@@ -14,13 +14,12 @@ import torch
 from sklearn import metrics as skm
 
 from cache import FeatureStore, SignatureMismatchError, StoreError
-from stages.datasets.base import Sample
 from stages.train import ClassifyConfig, TrainingError, train_classifier
 from stages.train import classify as classify_mod
+from stages.train.augment import augment
 from stages.train.data import (
     ShardBatchSampler,
     assign_splits,
-    augment,
     auto_img_size,
     open_joined,
     prepare_image,

@@ -148,9 +148,9 @@ def evaluate_segmentation(model_path: str | Path, store: str, data_root: str, da
                           device: str = "auto", splits: Sequence[str] = ("val", "test"), batch_size: int = 8,
                           overlays: int = 6, dataset_options: dict[str, Any] | None = None,
                           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score a saved segmentation model on the given splits of a store + dataset (all
-    samples when the dataset has no split names); writes ``out/metrics.json`` and overlays.
-    Returns {"splits": {split: metrics}, ...}."""
+    """Score a saved segmentation model on the given splits of a store + dataset (splits
+    without samples are skipped; all samples when the dataset names no splits at all);
+    writes ``out/metrics.json`` and overlays. Returns {"splits": {split: metrics}, ...}."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model, saved = load_model(model_path, dev)
@@ -160,11 +160,14 @@ def evaluate_segmentation(model_path: str | Path, store: str, data_root: str, da
     chosen = {s: data.split_indices(s) for s in splits}
     chosen = {s: v for s, v in chosen.items() if v}
     if not chosen:
+        named = sorted({str(s) for s in data.splits if s})
+        if named:
+            raise ValueError(f"{data_root}: no samples in split(s) {', '.join(splits)}; the dataset has "
+                             f"{', '.join(named)}: pass one of those (--split)")
         every = [i for i in range(len(data.ids)) if data.ok[i]]
         if not every:
             raise ValueError(f"{data_root}: no usable samples to evaluate")
-        print(f"note: no samples in split(s) {', '.join(splits)}; evaluating all {len(every)} samples",
-              file=sys.stderr)
+        print(f"note: the dataset has no splits; evaluating all {len(every)} samples", file=sys.stderr)
         chosen = {"all": every}
     result: dict[str, Any] = {"task": "segment", "model": str(model_path), "head": saved["head"],
                               "store": store, "dataset": dataset, "data_root": str(data_root), "splits": {}}

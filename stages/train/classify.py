@@ -18,9 +18,7 @@ AUC (patience 10), flips as augmentation, bf16/fp16 autocast on GPUs, fp32 on CP
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,20 +34,16 @@ from ..models import create_model
 from ..models.registry import canonical
 from ..progress import progress_bar
 from ..runtime import resolve_device, resolve_precision
+from .augment import augment, parse_augment
 from .data import (
     ClassifyData,
-    Joined,
+    Prepared,
     assign_splits,
-    augment,
     auto_img_size,
     default_workers,
     make_loader,
     open_joined,
-    parse_augment,
-    prepare_image,
     subsample,
-    IMAGE_MEAN,
-    IMAGE_STD,
 )
 from .loop import (
     Amp,
@@ -67,7 +61,9 @@ from .loop import (
     seed_everything,
     set_rng_state,
 )
-from .metrics import classification_metrics, confusion, safe_name, write_json
+from .metrics import classification_metrics, write_json
+from .probe import fit_probe
+from .scoring import predict_loader, score_and_write, to_device
 
 MODEL_KINDS = ("slca", "backbone", "probe", "sam-head")
 MODEL_FORMAT = "sam-feature-pipeline/model"
@@ -141,36 +137,6 @@ def model_kwargs(cfg: ClassifyConfig, num_classes: int, img_size: int) -> dict[s
     return dict(num_classes=num_classes)
 
 
-# --- scoring -------------------------------------------------------------------------
-
-def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    nb = device.type == "cuda"
-    image = batch["image"].to(device, non_blocking=nb) if batch["image"] is not None else None
-    sam = batch["sam"].to(device, non_blocking=nb).float() if batch["sam"] is not None else None
-    return image, sam, batch["label"].to(device, non_blocking=nb)
-
-
-@torch.no_grad()
-def predict_loader(net: nn.Module, loader, device: torch.device, amp: Amp,
-                   criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
-    """Class probabilities (N,K) in dataset position order, and the mean loss."""
-    net.eval()
-    n = len(loader.dataset)
-    probs: np.ndarray | None = None
-    total, count = 0.0, 0
-    for batch in loader:
-        image, sam, y = to_device(batch, device)
-        with amp.autocast():
-            logits = net(image, sam)
-        logits = logits.float()
-        if criterion is not None:
-            total += float(criterion(logits, y)) * len(y)
-            count += len(y)
-        p = torch.softmax(logits, dim=1).cpu().numpy()
-        if probs is None:
-            probs = np.zeros((n, p.shape[1]), np.float64)
-        probs[batch["pos"].numpy()] = p
-    return probs, (total / count if count else float("nan"))
 
 
 def train_epoch(net: nn.Module, loader, optimizer, scheduler, amp: Amp, criterion: nn.Module,
@@ -200,14 +166,6 @@ def train_epoch(net: nn.Module, loader, optimizer, scheduler, amp: Amp, criterio
 
 # --- the run -------------------------------------------------------------------------
 
-@dataclass
-class Prepared:
-    """A joined store/dataset with splits, classes and the backbone input size."""
-
-    joined: Joined
-    splits: dict[str, np.ndarray]
-    classes: list[str]
-    img_size: int
 
 
 def prepare(cfg: ClassifyConfig, dataset: Dataset | None = None) -> Prepared:
@@ -281,7 +239,7 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
 
     val_loader = loader(data("val"), False)
     if kind == "probe":
-        best = _fit_probe(cfg, net, loader(data("train"), False), val_loader, prep, device, amp, out, progress)
+        best = _run_probe(cfg, net, loader(data("train"), False), val_loader, prep, out, progress)
     else:
         best = _fit_torch(cfg, net, loader(data("train"), True), val_loader, prep, device, amp, modes, out,
                           progress)
@@ -310,6 +268,14 @@ def save_model(path: Path, net: nn.Module, meta: dict[str, Any], kwargs: dict[st
                extra: dict[str, Any] | None = None) -> None:
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     save_atomic({**meta, "model_kwargs": kwargs, "state_dict": state, "epoch": epoch, **(extra or {})}, path)
+
+
+def _run_probe(cfg, net, train_loader, val_loader, prep, out, progress) -> int:
+    history = History(out / "history.csv", HISTORY_FIELDS + ["C"])
+    best, c = fit_probe(cfg, net, train_loader, val_loader, prep, history, progress)
+    save_model(out / "model.pt", net, _checkpoint_meta(cfg, prep), model_kwargs(cfg, len(prep.classes), prep.img_size),
+               best + 1, {"monitor": {"C": c}})
+    return best + 1
 
 
 def _fit_torch(cfg, net, train_loader, val_loader, prep, device, amp, modes, out, progress) -> int:
@@ -379,121 +345,5 @@ def _fit_torch(cfg, net, train_loader, val_loader, prep, device, amp, modes, out
     return early.best_epoch + 1
 
 
-def pooled_features(loader) -> np.ndarray:
-    """Spatially averaged embeddings (N,256) float64, in dataset position order."""
-    n = len(loader.dataset)
-    out = np.zeros((n, 256), np.float64)
-    for batch in loader:
-        out[batch["pos"].numpy()] = batch["sam"].float().mean(dim=(2, 3)).numpy()
-    return out
 
 
-def _fit_probe(cfg, net, train_loader, val_loader, prep, device, amp, out, progress) -> int:
-    """Logistic regression on pooled embeddings; C chosen on validation AUC (one history
-    row per C). Copied into the ``probe`` module, saved like the other models."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
-    from sklearn.preprocessing import StandardScaler
-
-    cs = [float(c) for c in str(cfg.probe_c).split(",") if c.strip()]
-    if not cs or min(cs) <= 0:
-        raise ValueError(f"--probe-c {cfg.probe_c!r}: give positive inverse regularisation strengths, e.g. 0.01,0.1,1")
-    labels = prep.joined.labels
-    y_tr, y_va = labels[prep.splits["train"]], labels[prep.splits["val"]]
-    if len(np.unique(y_tr)) < 2:
-        raise ValueError(f"{cfg.store}: the training subset holds one class; raise --train-fraction")
-    x_tr, x_va = pooled_features(train_loader), pooled_features(val_loader)
-    scaler = StandardScaler().fit(x_tr)
-    k = len(prep.classes)
-    history = History(out / "history.csv", HISTORY_FIELDS + ["C"])
-    best, best_fit, best_i = (-math.inf, -math.inf), None, 0
-    for i, c in enumerate(cs):
-        t = time.perf_counter()
-        lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if cfg.class_weighting else None)
-        lr.fit(scaler.transform(x_tr), y_tr)
-        full = np.zeros((len(x_va), k))
-        full[:, lr.classes_] = lr.predict_proba(scaler.transform(x_va))
-        vm = classification_metrics(y_va, full, prep.classes, log_loss(y_va, full, labels=list(range(k))))
-        p_tr = np.zeros((len(x_tr), k))
-        p_tr[:, lr.classes_] = lr.predict_proba(scaler.transform(x_tr))
-        value = (vm["auc"] if math.isfinite(vm["auc"]) else -math.inf, -vm["loss"])  # ties: lower val loss
-        history.append({"epoch": i + 1, "train_loss": log_loss(y_tr, p_tr, labels=list(range(k))),
-                        "val_loss": vm["loss"], "val_auc": vm["auc"], "val_accuracy": vm["accuracy"],
-                        "val_balanced_accuracy": vm["balanced_accuracy"], "val_f1_macro": vm["f1_macro"],
-                        "C": c, "seconds": time.perf_counter() - t})
-        log(f"probe C={c:g}  val auc {vm['auc']:.4f}  val acc {vm['accuracy']:.4f}", progress)
-        if value > best:
-            best, best_fit, best_i = value, lr, i
-    if len(best_fit.classes_) != k:
-        raise ValueError(f"{cfg.store}: the training subset lacks some classes; raise --train-fraction")
-    net.set_from_sklearn(scaler, best_fit)
-    save_model(out / "model.pt", net, _checkpoint_meta(cfg, prep), model_kwargs(cfg, k, prep.img_size), best_i + 1,
-               {"monitor": {"C": cs[best_i]}})
-    return best_i + 1
-
-
-# --- outputs -------------------------------------------------------------------------
-
-def score_and_write(net: nn.Module, parts: dict[str, tuple[np.ndarray, Any]], prep: Prepared, device, amp: Amp,
-                    out: Path, plots: bool = True, attention_images: int = 6) -> dict[str, Any]:
-    """Score each split, write predictions.csv and the figures; returns {split: metrics}."""
-    st, classes = prep.joined.store, prep.classes
-    metrics: dict[str, Any] = {}
-    rows_out = []
-    results = {}
-    for split, (rows, ldr) in parts.items():
-        probs, _ = predict_loader(net, ldr, device, amp)
-        y = st.labels[rows]
-        metrics[split] = classification_metrics(y, probs, classes)
-        results[split] = (rows, y, probs)
-        for r, yy, p in zip(rows, y, probs):
-            rows_out.append([str(st.ids[r]), split, int(yy), classes[int(yy)], int(p.argmax()), classes[int(p.argmax())],
-                             *[f"{v:.6f}" for v in p]])
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "split", "label", "label_name", "pred", "pred_name",
-                    *[f"prob_{safe_name(c)}" for c in classes]])
-        w.writerows(rows_out)
-    if plots:
-        write_plots(net, results, prep, device, out, attention_images)
-    return metrics
-
-
-def write_plots(net, results, prep: Prepared, device, out: Path, attention_images: int) -> None:
-    from . import plots
-
-    classes = prep.classes
-    split = "test" if "test" in results else next(iter(results))
-    rows, y, probs = results[split]
-    if len(rows):
-        plots.plot_confusion(confusion(y, probs, len(classes)), classes, out / f"confusion_{split}.png",
-                             f"{split} confusion")
-        plots.plot_roc(y, probs, classes, out / f"roc_{split}.png", f"{split} ROC")
-    if (out / "history.csv").exists():
-        with open(out / "history.csv", newline="") as f:
-            hist = list(csv.DictReader(f))
-        if hist:
-            plots.plot_history(hist, out / "history.png")
-    if getattr(net, "stage_names", None) and attention_images > 0 and len(rows):
-        pick = _spread(y, attention_images)
-        sel = rows[pick]
-        st, ds = prep.joined.store, prep.joined.dataset
-        images = torch.stack([prepare_image(ds.load_image(int(r)), prep.img_size) for r in sel])
-        sam = torch.from_numpy(st.read(sel, np.float32)).to(device)
-        maps = {k: v.float().cpu().numpy() for k, v in net.eval().attention_maps(sam).items()}
-        shown = (images * IMAGE_STD + IMAGE_MEAN).clamp(0, 1)
-        shown = shown[:, 0].numpy() if torch.equal(shown[:, 0], shown[:, 1]) else shown.permute(0, 2, 3, 1).numpy()
-        titles = [f"{st.ids[r]}\n{classes[y[i]]} -> {classes[int(probs[i].argmax())]} "
-                  f"({probs[i].max():.2f})" for r, i in zip(sel, pick)]
-        plots.plot_attention(shown, maps, titles, out / "slca_attention.png")
-
-
-def _spread(y: np.ndarray, n: int) -> np.ndarray:
-    """Up to ``n`` positions, classes taken in turn (first samples of each class)."""
-    by = [list(np.flatnonzero(y == c)) for c in np.unique(y)]
-    pick: list[int] = []
-    while len(pick) < n and any(by):
-        for b in by:
-            if b and len(pick) < n:
-                pick.append(b.pop(0))
-    return np.asarray(sorted(pick), dtype=np.int64)

@@ -10,8 +10,7 @@
 - ``ClassifyData`` + ``ShardBatchSampler``: batches of (image, SAM embedding, label),
   embeddings read lazily per batch (one zarr read per run of consecutive rows) in an
   order that keeps a few shards hot, or held in memory.
-- ``augment``: flips / 90-degree rotations applied to image and embedding grid alike
-  (they share a field of view, see ``prepare_image``), or photometric changes of the image.
+Augmentation lives in ``augment``.
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ from ..datasets.base import Dataset
 SPLIT_NAMES = ("train", "val", "test")
 IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # timm/ImageNet statistics, so that
 IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)  # local timm checkpoints see familiar input
-AUGMENTS = ("none", "flip", "rot", "photometric")
 
 
 # --- store + dataset -----------------------------------------------------------------
@@ -53,6 +51,16 @@ class Joined:
     @property
     def labels(self) -> np.ndarray:
         return self.store.labels
+
+
+@dataclass
+class Prepared:
+    """A joined store/dataset with splits, classes and the backbone input size."""
+
+    joined: Joined
+    splits: dict[str, np.ndarray]
+    classes: list[str]
+    img_size: int
 
 
 def open_joined(store: str | FeatureStore, dataset: Dataset | None = None, kind: str | None = None,
@@ -341,52 +349,3 @@ def default_workers(device: torch.device, in_memory: bool) -> int:
     if in_memory or cores < 2:
         return 0
     return min(4, cores - 1) if device.type == "cuda" else 1
-
-
-# --- augmentation --------------------------------------------------------------------
-
-def parse_augment(spec: str) -> tuple[str, ...]:
-    """``"flip,photometric"`` -> ("flip", "photometric"); refuses unknown names."""
-    parts = tuple(p.strip() for p in spec.split(",") if p.strip()) or ("none",)
-    bad = [p for p in parts if p not in AUGMENTS]
-    if bad:
-        raise ValueError(f"unknown --augment {', '.join(bad)}; use a comma list of {', '.join(AUGMENTS)}")
-    return tuple(p for p in parts if p != "none")
-
-
-def augment(image: torch.Tensor | None, sam: torch.Tensor | None, modes: Sequence[str],
-            gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Random per-sample augmentation of a batch, (B,3,S,S) and (B,256,64,64).
-
-    ``flip``: horizontal and vertical flips; ``rot``: flips and 90-degree rotations (the 8
-    symmetries of the square); both applied identically to the image and the SAM grid.
-    ``photometric``: contrast/brightness jitter of the image only. Parameters come from
-    ``gen`` (CPU), so a seeded generator makes the epoch reproducible."""
-    ref = image if image is not None else sam
-    if ref is None or not modes:
-        return image, sam
-    b = ref.shape[0]
-    if "flip" in modes or "rot" in modes:
-        hf = torch.rand(b, generator=gen) < 0.5
-        vf = torch.rand(b, generator=gen) < 0.5
-        k = torch.randint(0, 4, (b,), generator=gen) if "rot" in modes else torch.zeros(b, dtype=torch.long)
-
-        def geo(x: torch.Tensor, i: int) -> torch.Tensor:
-            if hf[i]:
-                x = x.flip(-1)
-            if vf[i]:
-                x = x.flip(-2)
-            return torch.rot90(x, int(k[i]), dims=(-2, -1)) if k[i] else x
-
-        if image is not None:
-            image = torch.stack([geo(image[i], i) for i in range(b)])
-        if sam is not None:
-            sam = torch.stack([geo(sam[i], i) for i in range(b)])
-    if "photometric" in modes and image is not None:
-        c = (0.8 + 0.4 * torch.rand(b, 1, 1, 1, generator=gen)).to(image)
-        d = (0.2 * torch.rand(b, 1, 1, 1, generator=gen) - 0.1).to(image)
-        mean, std = IMAGE_MEAN.to(image), IMAGE_STD.to(image)
-        raw = image * std + mean
-        m = raw.mean(dim=(1, 2, 3), keepdim=True)
-        image = (((raw - m) * c + m + d).clamp(0, 1) - mean) / std
-    return image, sam
