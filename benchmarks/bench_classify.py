@@ -68,7 +68,7 @@ def make_subset(src: Path, dst: Path, per_class: dict[str, int], test_limit: int
 
 
 ALIASES = {"gate": "slca_gate", "window": "slca_window", "stages": "slca_stages", "hidden": "slca_hidden",
-           "act": "slca_act", "img": "img_size"}
+           "act": "slca_act", "fuse": "slca_fuse", "img": "img_size"}
 FREE = ("store", "out", "overwrite", "in_memory", "workers", "plots", "resume", "device")
 
 
@@ -78,7 +78,8 @@ def variant(spec: str) -> tuple[str, dict]:
     kw = {}
     for o in opts:
         k, v = o.split("=", 1)
-        kw[ALIASES.get(k, k)] = int(v) if v.lstrip("-").isdigit() else v
+        key = ALIASES.get(k, k)
+        kw[key] = bool(int(v)) if key == "slca_fuse" else int(v) if v.lstrip("-").isdigit() else v
     return model, kw
 
 
@@ -88,6 +89,7 @@ def run_models(args, store: str, runs: Path) -> list[dict]:
     from stages.train import ClassifyConfig, train_classifier
 
     results = []
+    defaults = dataclasses.asdict(ClassifyConfig(store="", out=""))
     for frac in args.fractions:
         for seed in args.seeds:
             for spec in args.models:
@@ -99,6 +101,7 @@ def run_models(args, store: str, runs: Path) -> list[dict]:
                                      overwrite=True, plots=False, in_memory=args.in_memory, **extra)
                 want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FREE}
                 old = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+                old = {**defaults, **old} if old else old  # options added since that run: their defaults
                 if (out / "metrics.json").exists() and not args.fresh and \
                         {k: v for k, v in old.items() if k not in FREE} == want:
                     m = json.loads((out / "metrics.json").read_text())

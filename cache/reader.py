@@ -8,6 +8,7 @@ import numpy as np
 import zarr
 
 from . import io
+from .shardread import layout, read_rows
 from .schema import EMBEDDINGS, FORMAT, SCALE, SCHEMA_VERSION, SIGNATURE_KEYS
 from .signature import IncompleteStoreError, StoreError, check_signature
 
@@ -25,9 +26,11 @@ class FeatureStore:
     """A complete store, opened read-only.
 
     Per-sample arrays are loaded into memory at open (N strings and ints); embeddings
-    stay on disk and are read by ``read`` (any indices, one zarr read per run of
-    consecutive samples, so a sorted batch inside one shard costs one shard-index
-    lookup plus one decode per sample) or all at once by ``load``.
+    stay on disk and are read by ``read`` (any indices) or all at once by ``load``. A
+    local store of the standard layout is read by ``cache.shardread``: per shard one
+    index read, then each wanted chunk decoded straight into the result (2x zarr's
+    generic path in ``benchmarks/bench_extract.py``); remote stores go through zarr, one
+    read per run of consecutive samples.
     """
 
     def __init__(self, url: str | os.PathLike, *, require_complete: bool = True,
@@ -63,6 +66,7 @@ class FeatureStore:
         self.done = np.asarray(g["done"][:], dtype=bool)
         self.failed = np.asarray(g["failed"][:], dtype=bool)
         self._scale = g[SCALE] if SCALE in g else None
+        self._direct = None if io.is_remote(url) else layout(self.embeddings, io.local_path(url))
         self._pos = {s: i for i, s in enumerate(self.ids)}
 
     # --- metadata -------------------------------------------------------------------
@@ -102,16 +106,33 @@ class FeatureStore:
         """Embeddings of ``indices`` (any order, repeats allowed) -> (B,256,64,64) ``dtype``."""
         idx = np.asarray(indices, dtype=np.int64)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        out = np.empty((len(uniq), *self.embeddings.shape[1:]), dtype=dtype)
-        for pos, a, b in _runs(uniq):
-            out[pos:pos + b - a] = self._decode(a, b, dtype)
+        if self._direct is not None:
+            out = self._convert(self._read_direct(uniq), uniq, dtype)
+        else:
+            out = np.empty((len(uniq), *self.embeddings.shape[1:]), dtype=dtype)
+            for pos, a, b in _runs(uniq):
+                out[pos:pos + b - a] = self._convert(self.embeddings[a:b], np.arange(a, b), dtype)
         return out if np.array_equal(uniq, idx) else out[inverse]
 
-    def _decode(self, a: int, b: int, dtype) -> np.ndarray:
-        block = self.embeddings[a:b]
+    def _read_direct(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.embeddings.shape[1:]), dtype=self.embeddings.dtype)
+        try:
+            read_rows(self._direct, rows, out)
+        except ValueError as e:
+            raise StoreError(f"{e}; re-extract the store (`pipeline extract ... --overwrite`)") from None
+        return out
+
+    def _convert(self, block: np.ndarray, rows: np.ndarray, dtype) -> np.ndarray:
+        """Stored values -> ``dtype``; int8 stores are multiplied by their per-channel scale."""
         if self._scale is not None:
-            return (block.astype(np.float32) * self._scale[a:b][:, :, None, None]).astype(dtype, copy=False)
+            scale = np.concatenate([self._scale[a:b] for _, a, b in _runs(rows)])
+            return (block.astype(np.float32) * scale[:, :, None, None]).astype(dtype, copy=False)
         return block.astype(dtype, copy=False)
+
+    def _decode(self, a: int, b: int, dtype) -> np.ndarray:
+        rows = np.arange(a, b)
+        block = self._read_direct(rows) if self._direct is not None else self.embeddings[a:b]
+        return self._convert(block, rows, dtype)
 
     def iter_shards(self, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
         """(start, embeddings) per shard, in order: the fastest full scan."""

@@ -36,6 +36,7 @@ def train(
     slca_hidden: int = typer.Option(64, "--slca-hidden", help="SLCA bottleneck width r."),
     slca_act: str = typer.Option("gelu", "--slca-act", help="SLCA activation: gelu, relu, silu."),
     slca_gate: str = typer.Option("residual", "--slca-gate", help="residual: x*(1+(2a-1)), exactly the identity at init; mul: x*a (SE style)."),
+    slca_fuse: bool = typer.Option(False, "--slca-fuse/--no-slca-fuse", help="slca: also add a linear layer on the pooled SAM embedding to the logits (see README, SLCA design)."),
     sam_head_width: int = typer.Option(64, "--sam-head-width", help="Width of the sam-head CNN."),
     drop_rate: float = typer.Option(0.0, "--drop-rate", help="Dropout before the classifier (sam-head: 0 means 0.1)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Most epochs (default 30; segment: 50)."),
@@ -47,6 +48,7 @@ def train(
     class_weights: bool = typer.Option(True, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
     label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient norm clip (0: off)."),
+    precise_bn: int = typer.Option(2048, "--precise-bn", help="Before each validation, re-estimate BatchNorm statistics on up to this many training samples (0: off; matters with few labels)."),
     augment: str = typer.Option("flip", "--augment", help="Comma list: none, flip, rot (flips + 90-degree turns; image and SAM grid alike), photometric (image only)."),
     train_fraction: float = typer.Option(1.0, "--train-fraction", help="Stratified, seeded fraction of the training split (data-efficiency studies)."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, order, augmentation and --train-fraction."),
@@ -89,11 +91,11 @@ def train(
         backbone_weights=str(backbone_weights) if backbone_weights else None, dataset=dataset,
         data_root=str(data_root) if data_root else None, dataset_options=parse_options(option, "--option"),
         img_size=img_size, slca_stages=slca_stages.lstrip("="), slca_window=slca_window, slca_hidden=slca_hidden,
-        slca_act=slca_act, slca_gate=slca_gate, head_width=sam_head_width, drop_rate=drop_rate,
+        slca_act=slca_act, slca_gate=slca_gate, slca_fuse=slca_fuse, head_width=sam_head_width, drop_rate=drop_rate,
         epochs=base.epochs if epochs is None else epochs, batch_size=batch_size or base.batch_size,
         lr=base.lr if lr is None else lr, weight_decay=base.weight_decay if weight_decay is None else weight_decay,
         warmup_epochs=warmup_epochs, patience=base.patience if patience is None else patience,
-        class_weighting=class_weights, label_smoothing=label_smoothing, clip_grad=clip_grad, augment=augment,
+        class_weighting=class_weights, label_smoothing=label_smoothing, clip_grad=clip_grad, precise_bn=precise_bn, augment=augment,
         train_fraction=train_fraction, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
         test_fraction=test_fraction, probe_c=probe_c, device=device, precision=precision, workers=workers,
         in_memory=in_memory, resume=resume, overwrite=overwrite, attention_images=attention_images, plots=plots,
@@ -113,8 +115,8 @@ def _check_numbers(cfg) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if not cfg.lr > 0:
         raise ValueError(f"--lr {cfg.lr}: must be positive")
-    if cfg.patience < 0 or cfg.warmup_epochs < 0 or cfg.slca_window < 0:
-        raise ValueError("--patience, --warmup-epochs and --slca-window must be 0 or more")
+    if cfg.patience < 0 or cfg.warmup_epochs < 0 or cfg.slca_window < 0 or cfg.precise_bn < 0:
+        raise ValueError("--patience, --warmup-epochs, --slca-window and --precise-bn must be 0 or more")
     if not 0 < cfg.train_fraction <= 1:
         raise ValueError(f"--train-fraction {cfg.train_fraction}: must be in (0, 1]")
     if not (0 < cfg.val_fraction < 1 and 0 < cfg.test_fraction < 1 and cfg.val_fraction + cfg.test_fraction < 1):
@@ -150,7 +152,10 @@ def _train_segment(store, out, dataset, data_root, option, head, epochs, batch_s
         metrics = train_segmentation(cfg)
     except KeyboardInterrupt:
         _interrupted(f"re-run the same command with --resume to continue ({out})")
-    print(json.dumps(metrics, indent=2, default=str))
+    from stages.segment.evaluate import format_scores
+
+    print(format_scores(metrics))
+    print(f"wrote {out}/model.pt, metrics.json, history.csv, overlays/")
 
 
 @app.command()
@@ -187,10 +192,14 @@ def evaluate(
     else:
         kwargs.update(kind=dataset)
     metrics = run(model, store, out, **kwargs)
-    if as_json or saved.get("task") != "classify":
+    if as_json:
         from stages.train.metrics import jsonable
 
         print(json.dumps(jsonable(metrics), indent=2, default=str))
+    elif saved.get("task") == "segment":
+        from stages.segment.evaluate import format_scores
+
+        print(format_scores(metrics))
     else:
         print(format_metrics({k: v for k, v in metrics.items() if isinstance(v, dict)}))
 

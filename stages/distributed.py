@@ -17,11 +17,14 @@ same paths (a shared filesystem or an object store); ``memory://`` stores cannot
 shared between processes. GPU workers must declare a ``GPU`` resource
 (``dask worker ADDR --nthreads 1 --resources GPU=1``), one per GPU.
 
-Reproducibility: same encoder, checkpoint, precision and batches give the same bytes on
-the same hardware. On CPU also the torch thread count matters for some encoders (oneDNN
-splits some convolution reductions per thread: LiteMedSAM's TinyViT differs in the last
-float32 bit between 1 and 2 threads, SAM's ViT does not), so give the workers the thread
-count of the run you compare with (``--threads``).
+Reproducibility: same encoder, checkpoint, precision, kernels (``--fast``) and batches
+give the same bytes on the same hardware. On CPU the torch thread count per stream
+matters too (oneDNN splits some convolution reductions per thread: LiteMedSAM's TinyViT
+differs in the last float32 bit between 1 and 2 threads, SAM's ViT does not). By
+default both paths run CPU streams of one torch thread each (``extract.stream_plan``;
+a worker gets its host's cores divided by the dask threads there), so their stores
+match; an explicit ``--threads``/``--streams`` that gives a stream several threads
+breaks that equality (not the store's validity).
 """
 from __future__ import annotations
 

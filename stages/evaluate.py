@@ -109,8 +109,11 @@ def evaluate(model_path: str | Path, store: str, out: str | Path | None = None, 
         from .segment import evaluate_segmentation
 
         fs = FeatureStore(store)
-        data_root = kwargs.get("data_root") or fs.attrs.get("dataset_root")
-        kind = kwargs.get("kind") or fs.attrs.get("dataset_kind")
+        trained = saved.get("config", {})
+        data_root = kwargs.get("data_root") or fs.attrs.get("dataset_root") or trained.get("data_root")
+        kind = kwargs.get("kind") or fs.attrs.get("dataset_kind") or trained.get("dataset")
+        if not data_root or not kind:
+            raise ValueError(f"{store}: records no dataset; pass --dataset KIND --data-root PATH")
         if out is None:
             raise ValueError("evaluating a segmentation model needs --out DIR for its metrics and overlays")
         split = kwargs.get("split", "test")

@@ -133,3 +133,13 @@ def test_cli_local_cluster_with_a_bad_image(setup, tmp_path):
     keep = np.flatnonzero(~s.failed)
     np.testing.assert_array_equal(s.read(keep), a.read(keep))
     assert (s.read([i]) == 0).all()
+
+
+def test_parallel_streams_keep_batches_and_order(setup, tmp_path):
+    """Single process, 3 encoder streams (threads) of one torch thread each: batches are
+    encoded out of order but handed on in order, so the store is the same."""
+    root, ckpt, ref = setup
+    out = tmp_path / "streams.zarr"
+    res = extract(_cfg(root, ckpt, out, streams=3, threads=3), progress=False)
+    assert res.encoded == 9
+    assert_same_store(ref, str(out))

@@ -151,3 +151,18 @@ def test_linear_probe_reproduces_sklearn(k):
     probe.set_from_sklearn(scaler, lr)
     got = torch.softmax(probe(None, sam), dim=1).detach().numpy()
     np.testing.assert_allclose(got, lr.predict_proba(scaler.transform(x)), atol=1e-5)
+
+
+def test_slca_fuse_adds_a_linear_read_of_the_pooled_sam_descriptor():
+    """fuse: logits = backbone-with-SLCA logits + Linear(LayerNorm(mean_hw(sam)))."""
+    torch.manual_seed(0)
+    net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32, fuse=True).eval()
+    plain = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("fuse.")})
+    x, sam = torch.randn(2, 3, 32, 32), _sam()
+    extra = net.fuse[1](torch.nn.functional.layer_norm(sam.mean(dim=(2, 3)), (256,)))
+    torch.testing.assert_close(net(x, sam), plain(x, sam) + extra)
+    # the descriptor term depends on the SAM features alone, not on the image
+    y = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(net(y, sam) - plain(y, sam), extra)
+    assert create_model("backbone", backbone="resnet10t", num_classes=3, img_size=32, fuse=True).fuse is None

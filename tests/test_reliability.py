@@ -533,7 +533,7 @@ def test_segmentation_nan_loss_keeps_last_good_checkpoint_then_resumes(tmp_path)
                              resume=resume)
 
     train_segmentation(cfg(1, False))
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / "last.pt"
     good = ckpt.read_bytes()
     emb = zarr.open_group(store, mode="r+")["embeddings"]
     clean = emb[:]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache import Listing, SignatureMismatchError, StoreError, StoreWriter, make_signature
+from cache import SignatureMismatchError, StoreError, StoreWriter, make_signature
 from stages.datasets import open_dataset
 from stages.extract import listing_of
 from stages.segment import SegmentConfig, evaluate_segmentation, train_segmentation
@@ -263,7 +263,7 @@ def test_train_end_to_end_writes_outputs_and_learns(acdc, tmp_path):
     root, store = acdc
     out = tmp_path / "run"
     m = train_segmentation(_cfg(root, store, out, epochs=4))
-    for name in ("model.pt", "metrics.json", "history.csv", "checkpoint.pt"):
+    for name in ("model.pt", "metrics.json", "history.csv", "last.pt"):
         assert (out / name).is_file(), name
     assert len(list((out / "overlays").glob("*.png"))) == 2
     val = m["splits"]["val"]
@@ -362,3 +362,27 @@ def test_evaluation_refuses_a_missing_split_and_another_encoder(acdc, tmp_path):
     other = write_store(open_dataset("acdc-h5", root), str(tmp_path / "other.zarr"), encoder="vit_b")
     with pytest.raises(SignatureMismatchError, match="embeddings made differently.*encoder"):
         evaluate_segmentation(model, other, str(root), "acdc-h5", tmp_path / "ev", device="cpu")
+
+
+def test_cli_train_and_evaluate_print_a_score_table(acdc, tmp_path):
+    """`pipeline train --task segment` and `pipeline evaluate` print per-class Dice/IoU/HD95
+    (not the whole metrics.json) to stdout; --json gives the record."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root, store = acdc
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["train", "--task", "segment", "--from-cache", store, "--dataset", "acdc-h5",
+                                 "--data-root", str(root), "--head", "linear", "--epochs", "1", "--batch-size", "4",
+                                 "--device", "cpu", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((out / "metrics.json").read_text())["splits"]["val"]
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("val")]
+    assert [row[1] for row in rows] == [*saved["dice"], "mean"]
+    assert float(rows[-1][2]) == pytest.approx(saved["mean_dice"], abs=1e-4)
+    assert "(3d," in r.stdout and (out / "last.pt").is_file()
+    r = CliRunner().invoke(app, ["evaluate", str(out / "model.pt"), "--split", "val", "--out", str(tmp_path / "ev"),
+                                 "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["splits"]["val"]["mean_dice"] == pytest.approx(saved["mean_dice"])

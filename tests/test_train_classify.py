@@ -307,3 +307,32 @@ def test_cli_dispatches_the_segment_task(synthetic_store, tmp_path):
     assert (tmp_path / "ev" / "metrics.json").is_file()
     r = runner.invoke(app, ["train", "--from-cache", str(synthetic_store), "--task", "nope", "--out", str(out)])
     assert r.exit_code == 2 and "--task 'nope'" in r.output
+
+
+def test_precise_bn_sets_the_running_statistics_to_the_training_average():
+    """After precise_bn, eval-mode BatchNorm uses the plain mean/variance of the training
+    batches (not a lagging momentum average), the momentum is restored, and the loop
+    stops after max_samples."""
+    from stages.train.loop import Amp
+    from stages.train.scoring import precise_bn
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, image, sam):
+            return self.bn(image).mean(dim=(2, 3))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(4, 3, 5, 5, generator=g) * 3 + 2, "sam": None, "label": torch.zeros(4)}
+               for _ in range(3)]
+    net, amp = Net(), Amp(torch.device("cpu"), "fp32")
+    assert precise_bn(net, batches, torch.device("cpu"), amp, 8) == 8  # two batches
+    x = torch.cat([b["image"] for b in batches[:2]])
+    torch.testing.assert_close(net.bn.running_mean, x.mean(dim=(0, 2, 3)))
+    per_batch_var = torch.stack([b["image"].var(dim=(0, 2, 3)) for b in batches[:2]])
+    torch.testing.assert_close(net.bn.running_var, per_batch_var.mean(0))
+    assert net.bn.momentum == 0.1
+    assert precise_bn(net, batches, torch.device("cpu"), amp, 0) == 0
+    assert precise_bn(torch.nn.Linear(2, 2), batches, torch.device("cpu"), amp, 8) == 0

@@ -85,14 +85,17 @@ class SLCAClassifier(nn.Module):
         slca: False builds the plain backbone (``sam`` is then ignored).
         stages: where SLCA goes (``resolve_stages``).
         window, hidden, act, gate: the SLCA block (``layers.slca.SLCA``).
+        fuse: also add ``Linear(LayerNorm(mean_hw(sam)))`` (B,K) to the backbone's logits,
+            so the classifier reads the SAM descriptor directly, as the probe does (a gate
+            can only re-weight what a backbone trained on few labels has learnt).
         drop_rate: dropout before the classifier.
         backbone_kwargs: extra timm constructor arguments (e.g. a narrower ``embed_dim``).
     """
 
     def __init__(self, backbone: str = "resnet18", num_classes: int = 2, img_size: int = 64,
                  slca: bool = True, stages: str | Sequence[int | str] = "all", window: int = 8,
-                 hidden: int = 64, act: str = "gelu", gate: str = "residual", drop_rate: float = 0.0,
-                 backbone_kwargs: dict | None = None):
+                 hidden: int = 64, act: str = "gelu", gate: str = "residual", fuse: bool = False,
+                 drop_rate: float = 0.0, backbone_kwargs: dict | None = None):
         super().__init__()
         self.net = create_backbone(backbone, num_classes, img_size, drop_rate, **(backbone_kwargs or {}))
         self.uses_image, self.uses_sam = True, slca
@@ -101,6 +104,8 @@ class SLCAClassifier(nn.Module):
         self.slca = nn.ModuleDict()
         self.stage_names: list[str] = []
         self._sam: torch.Tensor | None = None
+        self.fuse = nn.Sequential(nn.LayerNorm(SAM_CHANNELS), nn.Linear(SAM_CHANNELS, num_classes)) \
+            if slca and fuse else None
         if not slca:
             return
         if not info:
@@ -126,7 +131,10 @@ class SLCAClassifier(nn.Module):
         return self.net.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, image: torch.Tensor, sam: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(image, sam))
+        logits = self.forward_head(self.forward_features(image, sam))
+        if self.fuse is not None:
+            logits = logits + self.fuse(sam.mean(dim=(2, 3)).to(logits.dtype))
+        return logits
 
     @torch.no_grad()
     def attention_maps(self, sam: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -191,6 +199,6 @@ def slca(**kwargs) -> SLCAClassifier:
 @register_model
 def backbone(**kwargs) -> SLCAClassifier:
     """The same backbone without SLCA (the baseline); SLCA options are ignored."""
-    for k in ("stages", "window", "hidden", "act", "gate"):
+    for k in ("stages", "window", "hidden", "act", "gate", "fuse"):
         kwargs.pop(k, None)
     return SLCAClassifier(slca=False, **kwargs)

@@ -22,7 +22,7 @@ class SegmentConfig:
     sam_checkpoint: a SAM-family checkpoint whose mask decoder initialises the autosam
     head, or "encoder" for the checkpoint the store was extracted with. in_memory: load
     the embeddings into RAM first (2 MiB per sample at float16). resume: continue from
-    ``out/checkpoint.pt``. overlays: how many validation overlay PNGs to write.
+    ``out/last.pt``. overlays: how many validation overlay PNGs to write.
     """
 
     store: str
@@ -53,7 +53,7 @@ class SegmentConfig:
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as plain data, as saved in model.pt and checkpoint.pt; without
+        """The settings as plain data, as saved in model.pt and last.pt; without
         ``storage_options`` (connection details, possibly credentials)."""
         d = asdict(self)
         d.pop("storage_options")

@@ -182,3 +182,17 @@ def evaluate_segmentation(model_path: str | Path, store: str, data_root: str, da
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def format_scores(result: dict[str, Any]) -> str:
+    """{"splits": {split: score()}} -> a text table for stdout: per split, Dice, IoU and
+    HD95 of every foreground class and their mean (the whole record is in metrics.json)."""
+    lines = [f"{'split':<8}{'class':<14}{'Dice':>8}{'IoU':>8}{'HD95':>9}"]
+    for split, m in result.get("splits", {}).items():
+        rows = [(c, m["dice"][c], m["iou"][c], m["hd95"][c]) for c in m["dice"]]
+        rows.append(("mean", m["mean_dice"], m["mean_iou"], m["mean_hd95"]))
+        for name, dice, iou, hd in rows:
+            hd_text = "-" if hd is None or hd != hd else f"{hd:.2f}"
+            lines.append(f"{split:<8}{name:<14}{dice:>8.4f}{iou:>8.4f}{hd_text:>9}")
+        lines.append(f"{'':<8}({m.get('mode', '2d')}, {m.get('cases', '?')} cases)")
+    return "\n".join(lines)

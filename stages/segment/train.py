@@ -1,6 +1,6 @@
 """Training a prompt-free segmentation head on cached features (or the UNet baseline on
 raw images): Adam, CE + soft Dice, early stopping on the validation Dice, NaN guard,
-resume. Outputs in ``cfg.out``: model.pt, metrics.json, history.csv, checkpoint.pt
+resume. Outputs in ``cfg.out``: model.pt, metrics.json, history.csv, last.pt
 (resume state) and overlays/*.png."""
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def train_segmentation(cfg: SegmentConfig, data: SegmentData | None = None) -> d
     early = EarlyStopping(cfg.patience)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, model_path = out / "checkpoint.pt", out / "model.pt"
+    ckpt_path, model_path = out / "last.pt", out / "model.pt"
 
     start, best_state, best_dice, best_preds = 0, None, float("nan"), None
     if cfg.resume and ckpt_path.is_file():

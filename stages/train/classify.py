@@ -63,7 +63,7 @@ from .loop import (
 )
 from .metrics import classification_metrics, write_json
 from .probe import fit_probe
-from .scoring import predict_loader, score_and_write, to_device
+from .scoring import precise_bn, predict_loader, score_and_write, to_device
 
 MODEL_KINDS = ("slca", "backbone", "probe", "sam-head")
 MODEL_FORMAT = "sam-feature-pipeline/model"
@@ -94,6 +94,7 @@ class ClassifyConfig:
     slca_hidden: int = 64
     slca_act: str = "gelu"
     slca_gate: str = "residual"
+    slca_fuse: bool = False
     head_width: int = 64
     drop_rate: float = 0.0
     epochs: int = 30
@@ -105,6 +106,7 @@ class ClassifyConfig:
     class_weighting: bool = True
     label_smoothing: float = 0.0
     clip_grad: float = 1.0
+    precise_bn: int = 2048
     augment: str = "flip"
     train_fraction: float = 1.0
     seed: int = 0
@@ -130,7 +132,7 @@ def model_kwargs(cfg: ClassifyConfig, num_classes: int, img_size: int) -> dict[s
                   backbone_kwargs=dict(cfg.backbone_kwargs))
         if kind == "slca":
             kw.update(stages=cfg.slca_stages, window=cfg.slca_window, hidden=cfg.slca_hidden, act=cfg.slca_act,
-                      gate=cfg.slca_gate)
+                      gate=cfg.slca_gate, fuse=bool(cfg.slca_fuse))
         return kw
     if kind == "sam_head":
         return dict(num_classes=num_classes, width=cfg.head_width, drop_rate=cfg.drop_rate or 0.1)
@@ -322,6 +324,7 @@ def _fit_torch(cfg, net, train_loader, val_loader, prep, device, amp, modes, out
         with progress_bar(f"epoch {epoch + 1}", total=steps, enabled=progress, unit="batch") as advance:
             loss = train_epoch(net, train_loader, optimizer, scheduler, amp, criterion, device, modes, gen, epoch,
                                last, cfg.clip_grad, advance)
+        precise_bn(net, train_loader, device, amp, cfg.precise_bn)
         probs, val_loss = predict_loader(net, val_loader, device, amp, eval_criterion)
         vm = classification_metrics(y_val, probs, prep.classes, val_loss)
         value = vm["auc"] if monitor == "auc" else -val_loss

@@ -94,9 +94,9 @@ def plot_attention(images: np.ndarray, maps: Mapping[str, np.ndarray], titles: S
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
             ax.imshow(m, cmap="jet", alpha=0.45, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
             if i == 0:
-                ax.set_title(f"SLCA {s}\n[{m.min():.2f}, {m.max():.2f}]", fontsize=7)
+                ax.set_title(f"SLCA {s}\n[{m.min():.3f}, {m.max():.3f}]", fontsize=7)
             else:
-                ax.set_title(f"[{m.min():.2f}, {m.max():.2f}]", fontsize=7)
+                ax.set_title(f"[{m.min():.3f}, {m.max():.3f}]", fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")
     fig.suptitle("SLCA gate (channel mean; colour scaled per map)", fontsize=8)

@@ -22,6 +22,39 @@ def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
+def precise_bn(net: nn.Module, loader, device: torch.device, amp: Amp, max_samples: int) -> int:
+    """Re-estimate every BatchNorm's running mean/variance as the plain average over up to
+    ``max_samples`` training samples with the current weights (pycls' "precise BN").
+
+    Why: eval mode uses running statistics that trail the weights by an exponential
+    average of momentum 0.1. With few labels (one or two batches per epoch) they never
+    catch up: on PneumoniaMNIST with 30 training images the best-AUC model scored val AUC
+    0.96 but accuracy 0.59 (one class predicted everywhere), 0.88 after this pass.
+    Returns the samples seen (0: no BatchNorm, nothing done)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or max_samples <= 0:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    net.train()
+    seen = 0
+    try:
+        for batch in loader:
+            image, sam, _ = to_device(batch, device)
+            with amp.autocast():
+                net(image, sam)
+            seen += len(batch["label"])
+            if seen >= max_samples:
+                break
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+    return seen
+
+
+@torch.no_grad()
 def predict_loader(net: nn.Module, loader, device: torch.device, amp: Amp,
                    criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
     """Class probabilities (N,K) in dataset position order, and the mean loss."""
