@@ -23,11 +23,14 @@ at initialisation (adding SLCA cannot make the starting point worse) while every
 of that conv still receives a gradient from the first step. (A first version scaled a
 sigmoid gate by a per-channel factor initialised to zero, ``X * (1 + s * A)``; Adam moves
 ``s`` by ~lr per step, so after a few hundred steps on a small dataset it was still
-~0.005 and SLCA had no effect: see README "SLCA design".)
+~0.005 and SLCA had no effect.)
 
-Defaults (``window=8, hidden=64, act="gelu", gate="residual"``, all stages) were chosen
-by the measurement recorded in the README ("SLCA design"). ``r = 64`` keeps the block
-small (~16k + 65*C weights).
+Defaults (``window=8, hidden=64, act="gelu", gate="residual"``): local windows as the
+design asks (8x8 regions), the identity-at-init residual gate for the reason above, and a
+small bottleneck (``r = 64``: ~16k + 65*C weights). The measured comparison with the
+plain backbone and the gate/window ablation (global pooling, ``window=0``, did best with
+300 PneumoniaMNIST images; no variant differed from the backbone with 30) are in the
+README, "Classification: PneumoniaMNIST".
 """
 from __future__ import annotations
 
