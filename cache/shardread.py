@@ -5,8 +5,9 @@ zarr's generic path reads a shard, decodes each chunk into a buffer and copies i
 the result (about twice the decode time on a memory-bound machine). The store's layout
 is fixed (``schema``: chunk = 1 sample, shard = S samples, bytes(little) + blosc, index
 at the end with a crc32c), so a shard can be decoded by hand: read its index, check the
-checksum, then read and blosc-decompress each wanted chunk i straight into ``out[i]``. Anything else (remote
-stores, other codecs, a future layout) returns None and the caller uses zarr.
+checksum, then read and blosc-decompress each wanted chunk i straight into ``out[i]``.
+Anything else (remote stores, other codecs, a future layout) gets None from ``layout``
+and the caller uses zarr.
 
 Shard file format (zarr v3 ``sharding_indexed``): the encoded chunks, then the index:
 ``S`` pairs of little-endian uint64 (offset, nbytes), 2**64-1 for a chunk never written
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
 
@@ -39,16 +41,17 @@ def layout(arr: zarr.Array, root: Path | None) -> dict | None:
     inner = [type(c).__name__ for c in sh.codecs]
     index = [type(c).__name__ for c in sh.index_codecs]
     if (inner not in (["BytesCodec", "BloscCodec"], ["BytesCodec"]) or index != ["BytesCodec", "Crc32cCodec"]
-            or str(sh.index_location.value) != "end" or tuple(sh.chunk_shape) != (1, *arr.shape[1:])
-            or _endian(sh.codecs[0]) not in ("little", None if np.dtype(arr.dtype).itemsize == 1 else "little")):
+            or str(sh.index_location.value) != "end" or tuple(sh.chunk_shape) != (1, *arr.shape[1:])):
+        return None
+    endian = _endian(sh.codecs[0])
+    if endian != "little" and not (endian is None and np.dtype(arr.dtype).itemsize == 1):
         return None
     enc = meta.chunk_key_encoding
     sep = getattr(enc, "separator", "/")
     if type(enc).__name__ != "DefaultChunkKeyEncoding":
         return None
     return {"root": root, "name": arr.path, "sep": sep, "shard": meta.chunk_grid.chunk_shape[0],
-            "ndim": arr.ndim, "blosc": inner[-1] == "BloscCodec", "dtype": np.dtype(arr.dtype),
-            "sample": tuple(arr.shape[1:])}
+            "ndim": arr.ndim, "blosc": inner[-1] == "BloscCodec"}
 
 
 def _index(path: Path, f, size: int, s: int) -> np.ndarray:
@@ -57,8 +60,6 @@ def _index(path: Path, f, size: int, s: int) -> np.ndarray:
         raise ValueError(f"{path}: shard file is truncated")
     f.seek(size - tail)
     raw = f.read(tail)
-    import google_crc32c
-
     if np.uint32(google_crc32c.value(raw[:-4])).tobytes() != raw[-4:]:
         raise ValueError(f"{path}: shard index checksum mismatch (damaged file)")
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(s, 2)
