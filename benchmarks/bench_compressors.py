@@ -5,8 +5,10 @@
 
 Each codec writes the same float16 embeddings with the store's layout (chunk = 1 sample,
 shard = 32 samples, whole-shard writes) into a local folder, then reads them back shard
-by shard. Speeds are MB/s of decoded float16 (page cache warm: median of runs 2..R);
-size ratio = raw bytes / bytes on disk. The codec chosen in cache/schema.py is marked.
+by shard, through zarr's generic path (what remote stores use) and through the direct
+shard reader that FeatureStore uses for local stores (cache/shardread.py). Speeds are MB/s
+of decoded float16 (page cache warm: median of runs 2..R); size ratio = raw bytes / bytes
+on disk. The default of cache/schema.py (DEFAULT_COMPRESSION) is marked.
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ def main(argv=None) -> None:
     import zarr
     from zarr.storage import LocalStore
 
-    from cache.schema import COMPRESSOR
+    from cache.schema import COMPRESSIONS, DEFAULT_COMPRESSION
+    from cache.shardread import layout, read_rows
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_codecs_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -105,22 +108,31 @@ def main(argv=None) -> None:
             for a in range(0, n, args.shard):
                 arr[a:a + args.shard]
 
+        def direct():
+            lay = layout(zarr.open_array(LocalStore(path, read_only=True)), path)
+            out = np.empty((args.shard, *data.shape[1:]), np.float16)
+            for a in range(0, n, args.shard):
+                rows = np.arange(a, min(a + args.shard, n))
+                read_rows(lay, rows, out[:len(rows)])
+
         tw = timed(write, args.repeats)
         disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         tr = timed(read, args.repeats)
+        direct_ok = layout(zarr.open_array(LocalStore(path, read_only=True)), path) is not None
+        td = timed(direct, args.repeats) if direct_ok else None
         back = zarr.open_array(LocalStore(path, read_only=True))[:]
         assert np.array_equal(back.view(np.uint16), data.view(np.uint16)), name  # lossless
-        chosen = " *" if spec is not None and spec == COMPRESSOR else ""
+        chosen = " *" if spec == COMPRESSIONS[DEFAULT_COMPRESSION] else ""
         rows.append([name + chosen, f"{raw / disk:.3f}x", f"{raw / median(tw[1:] or tw) / 1e6:.0f}",
-                     f"{raw / median(tr[1:] or tr) / 1e6:.0f}"])
+                     f"{raw / median(tr[1:] or tr) / 1e6:.0f}", f"{raw / median(td[1:] or td) / 1e6:.0f}" if td else "-"])
     print("# bench_compressors: float16 embeddings, chunk 1 sample, shard "
           f"{args.shard} samples, local disk")
     print(f"machine: {machine()}")
     print(f"command: python benchmarks/bench_compressors.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"data: {n} embeddings ({raw / 2**20:.0f} MiB) from {source}")
     print()
-    print(table(rows, ["codec", "size ratio", "write MB/s", "read MB/s"]))
-    print("* = cache/schema.py COMPRESSOR; MB/s of decoded float16, warm page cache, median of runs 2.."
+    print(table(rows, ["codec", "size ratio", "write MB/s", "read MB/s (zarr)", "read MB/s (direct)"]))
+    print("* = cache/schema.py DEFAULT_COMPRESSION; MB/s of decoded float16, warm page cache, median of runs 2.."
           f"{args.repeats}")
 
 

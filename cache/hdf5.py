@@ -15,7 +15,7 @@ HDF5 layout (``h5py``), the same names as the Zarr store::
 
 ``embeddings`` is chunked one sample per chunk (256x64x64), so reading one sample reads
 one chunk; compression is off by default (embeddings barely compress, see
-``schema.COMPRESSOR``) and may be ``lzf`` or ``gzip``. The round trip is exact: import
+``schema.COMPRESSIONS``) and may be ``lzf`` or ``gzip``. The round trip is exact: import
 writes the same values, dtypes and attributes into a new store through the usual commit
 protocol (embeddings, then ``done``, then ``complete: true`` last), and with the same
 codec the shard files come out byte for byte the same.
@@ -31,7 +31,7 @@ import numpy as np
 
 from . import io
 from .reader import FeatureStore
-from .schema import EMBEDDINGS, FORMAT, LISTING, RESULTS, SCALE, SIGNATURE_KEYS
+from .schema import EMBEDDINGS, FORMAT, LISTING, RESULTS, SCALE, SIGNATURE_KEYS, compression_of
 from .signature import StoreError
 from .writer import Listing, StoreWriter
 
@@ -137,6 +137,7 @@ def import_hdf5(path: str | os.PathLike, store: str | os.PathLike, *, overwrite:
         provenance = {k: v for k, v in attrs.items() if k not in SIGNATURE_KEYS and k != "complete"}
         writer = StoreWriter.open(store, signature=signature, listing=listing, classes=attrs.get("classes", []),
                                   mask_classes=attrs.get("mask_classes", []), shard_size=int(attrs["shard_size"]),
+                                  compression=compression_of(attrs),
                                   overwrite=True, provenance=provenance, storage_options=storage_options)
         with writer:
             g = writer.group

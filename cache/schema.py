@@ -5,7 +5,8 @@ Layout (N samples, S = shard size)::
     STORE.zarr/
       zarr.json                 group attributes (see ATTRS below), ``complete`` written last
       embeddings/               (N,256,64,64) float16 (or float32 / int8), chunk = 1 sample,
-                                shard = S samples: a 10k-sample store is ~N/S files, not N
+                                shard = S samples: a 10k-sample store is ~N/S files, not N;
+                                raw bytes by default (see COMPRESSIONS)
       scale/                    (N,256) float32, only for int8 stores: per-channel dequant scale
       id/ label/ split/ group/ slice/       (N,) per-sample listing, written at creation
       height/ width/ hash/ done/ failed/    (N,) per-sample results, written after the shard
@@ -39,12 +40,20 @@ META_CHUNK = 4096
 
 DTYPES = ("float16", "float32", "int8")
 
-# Compressor, chosen by benchmarks/bench_compressors.py on real LiteMedSAM embeddings
-# (PneumoniaMNIST + ACDC slices, float16): embeddings are dense and barely compress, so
-# speed decides. Measured (2-core Xeon, page cache): none 1.00x size ratio / 523 MB/s
-# read; blosc-lz4+shuffle 1.02x / 1008 MB/s; blosc-lz4+bitshuffle 1.12x / 1286 MB/s;
-# blosc-zstd1+shuffle 1.11x / 775 MB/s; zstd1 1.08x / 562 MB/s.
-COMPRESSOR = {"name": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
+# Embedding compression (``--compression``), measured by benchmarks/bench_compressors.py
+# and bench_extract.py on real LiteMedSAM embeddings (float16): they are dense and barely
+# compress (blosc-lz4+bitshuffle, the best of the fast codecs: 1.12x smaller; zstd-1:
+# 1.08x), and decoding costs far more than reading. Uncompressed shards are read straight
+# into the caller's array at the speed of a plain file read, so ``none`` is the default;
+# ``lz4`` saves ~11% of disk for 4-6x slower reads (for disks billed by the byte).
+COMPRESSIONS: dict[str, dict | None] = {
+    "none": None,
+    "lz4": {"name": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"},
+}
+DEFAULT_COMPRESSION = "none"
+# the small per-sample arrays always use this one
+META_COMPRESSOR = COMPRESSIONS["lz4"]
+
 
 # Attributes that must match for a store to be reused (resume) or read against a
 # dataset/encoder; anything else in the attributes is provenance.
@@ -59,3 +68,8 @@ SIGNATURE_KEYS = (
     "dataset_signature",
     "dtype",
 )
+
+
+def compression_of(attrs) -> str:
+    """The ``--compression`` a store was made with (stores older than the option: lz4)."""
+    return attrs.get("compression") or ("lz4" if attrs.get("compressor") else "none")

@@ -3,9 +3,11 @@ chunk, decoded straight into the caller's array.
 
 zarr's generic path reads a shard, decodes each chunk into a buffer and copies it into
 the result (about twice the decode time on a memory-bound machine). The store's layout
-is fixed (``schema``: chunk = 1 sample, shard = S samples, bytes(little) + blosc, index
-at the end with a crc32c), so a shard can be decoded by hand: read its index, check the
-checksum, then read and blosc-decompress each wanted chunk i straight into ``out[i]``.
+is fixed (``schema``: chunk = 1 sample, shard = S samples, bytes(little), optionally
+blosc, index at the end with a crc32c), so a shard can be decoded by hand: read its
+index, check the checksum, then blosc-decompress each wanted chunk straight into its row
+of ``out``, or, uncompressed (the default), ``readinto`` the row itself, one call per run
+of chunks that are consecutive in both the file and ``out``: a plain file read.
 Anything else (remote stores, other codecs, a future layout) gets None from ``layout``
 and the caller uses zarr.
 
@@ -65,15 +67,18 @@ def _index(path: Path, f, size: int, s: int) -> np.ndarray:
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(s, 2)
 
 
-def read_rows(lay: dict, rows: np.ndarray, out: np.ndarray) -> None:
-    """Decode the samples ``rows`` (sorted, unique) into ``out`` ((len(rows), *sample) of
-    the stored dtype, C-contiguous). Per shard: one read of the index, then one read per
-    wanted chunk (cheaper than reading the whole file into memory first, even for a
-    whole shard). Raises ValueError on a damaged file."""
+def read_rows(lay: dict, rows: np.ndarray, out: np.ndarray, dest: np.ndarray | None = None) -> None:
+    """Decode the samples ``rows`` (sorted, unique) into ``out[dest]`` (``out``: (M, *sample)
+    of the stored dtype, C-contiguous; ``dest``: the position in ``out`` of each row,
+    default 0..len(rows)-1). Per shard: one read of the index, then one read per wanted
+    chunk, or per run of chunks that lie back to back in both the file and ``out``
+    (uncompressed shards read whole in one call). Raises ValueError on a damaged file."""
     from numcodecs import blosc
 
     s = lay["shard"]
-    flat = out.reshape(len(rows), -1).view(np.uint8)
+    flat = out.reshape(len(out), -1).view(np.uint8)
+    size_of = flat.shape[1]
+    dest = np.arange(len(rows)) if dest is None else np.asarray(dest)
     shard_of = rows // s
     bounds = np.flatnonzero(np.diff(shard_of)) + 1
     for grp in np.split(np.arange(len(rows)), bounds):
@@ -83,22 +88,36 @@ def read_rows(lay: dict, rows: np.ndarray, out: np.ndarray) -> None:
         key = lay["sep"].join(["c", str(k)] + ["0"] * (lay["ndim"] - 1))
         path = lay["root"] / lay["name"] / key
         try:
-            f = open(path, "rb")
+            f = open(path, "rb", buffering=0)
         except FileNotFoundError:  # a shard never written: fill value
-            out[grp] = 0
+            out[dest[grp]] = 0
             continue
         with f:
             size = f.seek(0, 2)
             pairs = _index(path, f, size, s)
-            for j in grp:
-                off, nb = (int(x) for x in pairs[rows[j] - k * s])
+            j, end = 0, len(grp)
+            while j < end:
+                off, nb = (int(x) for x in pairs[rows[grp[j]] - k * s])
+                d = int(dest[grp[j]])
                 if off == _EMPTY:
-                    out[j] = 0
+                    out[d] = 0
+                    j += 1
                     continue
-                if off + nb > size or (not lay["blosc"] and nb != flat.shape[1]):
-                    raise ValueError(f"{path}: chunk {rows[j] - k * s} does not fit the file (damaged shard)")
-                f.seek(off)
+                if off + nb > size or (not lay["blosc"] and nb != size_of):
+                    raise ValueError(f"{path}: chunk {rows[grp[j]] - k * s} does not fit the file (damaged shard)")
                 if lay["blosc"]:
-                    blosc.decompress(f.read(nb), flat[j])
-                else:
-                    f.readinto(flat[j])
+                    f.seek(off)
+                    blosc.decompress(f.read(nb), flat[d])
+                    j += 1
+                    continue
+                run = 1  # raw chunks that follow each other in the file and in ``out``: one read
+                while (j + run < end and dest[grp[j + run]] == d + run
+                       and int(pairs[rows[grp[j + run]] - k * s, 0]) == off + run * nb
+                       and int(pairs[rows[grp[j + run]] - k * s, 1]) == nb):
+                    run += 1
+                if off + run * nb > size:
+                    raise ValueError(f"{path}: chunk {rows[grp[j]] - k * s} does not fit the file (damaged shard)")
+                f.seek(off)
+                if f.readinto(flat[d:d + run].reshape(-1)) != run * nb:
+                    raise ValueError(f"{path}: shard file is truncated")
+                j += run

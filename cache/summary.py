@@ -5,6 +5,7 @@ from collections import Counter
 from typing import Any
 
 from .reader import FeatureStore
+from .schema import compression_of
 
 
 def _size(n: float) -> str:
@@ -37,7 +38,7 @@ def describe(url: str) -> dict[str, Any]:
         "precision": a.get("precision"),
         "dtype": s.dtype,
         "shard_size": s.shard_size,
-        "compressor": a.get("compressor"),
+        "compression": compression_of(a),
         "preprocessing": a.get("preprocessing"),
         "dataset_kind": a.get("dataset_kind"),
         "dataset_root": a.get("dataset_root"),
@@ -66,8 +67,7 @@ def format_summary(d: dict[str, Any]) -> str:
     lines += [
         f"encoder      {d['encoder']} (checkpoint sha256 {str(d['checkpoint_sha256'])[:16]}..., {d['precision']})",
         f"dataset      {d['dataset_kind']} at {d['dataset_root']}",
-        f"storage      {d['dtype']}, {d['shard_size']} samples/shard, {d['compressor'].get('cname', '?')} "
-        f"level {d['compressor'].get('clevel', '?')}",
+        f"storage      {d['dtype']}, {d['shard_size']} samples/shard, compression {d['compression']}",
     ]
     if d["bytes_on_disk"] is not None:
         lines.append(f"size         {_size(d['bytes_on_disk'])} in {d['files']} files, "

@@ -12,13 +12,15 @@ from zarr.codecs import BloscCodec
 
 from . import io
 from .schema import (
-    COMPRESSOR,
+    COMPRESSIONS,
+    DEFAULT_COMPRESSION,
     DEFAULT_SHARD,
     DTYPES,
     EMBED_SHAPE,
     EMBEDDINGS,
     FORMAT,
     META_CHUNK,
+    META_COMPRESSOR,
     SCALE,
     SCHEMA_VERSION,
 )
@@ -39,9 +41,11 @@ class Listing:
         return len(self.ids)
 
 
-def compressor() -> BloscCodec:
-    c = COMPRESSOR
-    return BloscCodec(cname=c["cname"], clevel=c["clevel"], shuffle=c["shuffle"])
+def compressor(spec: Mapping[str, Any] | None) -> BloscCodec | None:
+    """The zarr codec of a ``schema.COMPRESSIONS`` entry (None: stored as raw bytes)."""
+    if spec is None:
+        return None
+    return BloscCodec(cname=spec["cname"], clevel=spec["clevel"], shuffle=spec["shuffle"])
 
 
 def quantize(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +87,8 @@ class StoreWriter:
     """Owns the per-sample result arrays and the commit of one store.
 
     ``open`` creates a store, resumes a matching one, or refuses one that was made
-    differently (``--overwrite`` replaces it). Embedding shards go through
+    differently (``--overwrite`` replaces it). Shard size and compression are storage,
+    not content: a resumed store keeps its own. Embedding shards go through
     ``write_shard``; ``mark_done`` then records the shard's samples; ``commit`` writes
     ``complete: true`` last.
     """
@@ -106,6 +111,7 @@ class StoreWriter:
         classes: Sequence[str] = (),
         mask_classes: Sequence[str] = (),
         shard_size: int = DEFAULT_SHARD,
+        compression: str = DEFAULT_COMPRESSION,
         overwrite: bool = False,
         provenance: Mapping[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
@@ -116,6 +122,8 @@ class StoreWriter:
             raise StoreError(f"{url}: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         if shard_size < 1 or META_CHUNK % shard_size:
             raise StoreError(f"shard size {shard_size} must divide {META_CHUNK}; use e.g. 16, 32 or 64")
+        if compression not in COMPRESSIONS:
+            raise StoreError(f"{url}: unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
         lock = io.StoreLock(url).acquire()
         try:
             if io.exists(url, storage_options) and overwrite:
@@ -130,14 +138,16 @@ class StoreWriter:
                 check_signature(url, attrs, signature)
                 io.remove_partials(url)
                 return cls(url, group, lock)
-            group = cls._create(url, signature, listing, classes, mask_classes, shard_size, provenance, storage_options)
+            group = cls._create(url, signature, listing, classes, mask_classes, shard_size, compression, provenance,
+                                storage_options)
             return cls(url, group, lock)
         except BaseException:
             lock.release()
             raise
 
     @staticmethod
-    def _create(url, signature, listing, classes, mask_classes, shard_size, provenance, storage_options) -> zarr.Group:
+    def _create(url, signature, listing, classes, mask_classes, shard_size, compression, provenance,
+                storage_options) -> zarr.Group:
         n = len(listing)
         if n == 0:
             raise StoreError(f"{url}: the dataset has no samples; nothing to extract")
@@ -147,7 +157,8 @@ class StoreWriter:
             "schema_version": SCHEMA_VERSION,
             "num_samples": n,
             "shard_size": shard_size,
-            "compressor": COMPRESSOR,
+            "compression": compression,
+            "compressor": COMPRESSIONS[compression],
             "classes": list(classes),
             "mask_classes": list(mask_classes),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -166,7 +177,7 @@ class StoreWriter:
             chunks=(1, *EMBED_SHAPE),
             shards=(shard_size, *EMBED_SHAPE),
             dtype=dtype,
-            compressors=compressor(),
+            compressors=compressor(COMPRESSIONS[compression]),
             fill_value=0,
             dimension_names=("sample", "channel", "y", "x"),
         )
@@ -176,8 +187,9 @@ class StoreWriter:
         meta = min(META_CHUNK, max(n, 1))
 
         def array(name, data, dtype):
-            a = group.create_array(name, shape=(n,), chunks=(meta,), dtype=dtype, fill_value=None
-                                   if dtype is str else 0, compressors=None if dtype is str else compressor())
+            text = dtype is str
+            a = group.create_array(name, shape=(n,), chunks=(meta,), dtype=dtype, fill_value=None if text else 0,
+                                   compressors=None if text else compressor(META_COMPRESSOR))
             if data is not None:
                 a[:] = np.asarray(data, dtype=object if dtype is str else dtype)
             return a

@@ -70,7 +70,7 @@ from .extract import (
     verify_hashes,
     write_failures_report,
 )
-from .runtime import amp_dtype_for, package_versions
+from .runtime import amp_dtype_for, package_versions, tune_allocator
 
 # Fields of ExtractConfig that do not change which encoder a worker builds.
 _NOT_ENCODER = {"dataset", "data_root", "out", "batch_size", "workers", "dtype", "precision", "shard_size",
@@ -173,6 +173,7 @@ def encode_shards(encoder: Encoder, loader: DataLoader, shards: Sequence[tuple[i
 
 def encode_partition(plan: Plan, shards: list[tuple[int, int]]) -> list[ShardResult]:
     """Task body, on a worker: encode ``shards``, write them into the store, report them."""
+    tune_allocator()
     cfg = plan.cfg
     device = _worker_device(plan.device)
     threads = plan.threads.get(_worker_address(), cfg.threads) if device.type == "cpu" else cfg.threads
@@ -185,7 +186,7 @@ def encode_partition(plan: Plan, shards: list[tuple[int, int]]) -> list[ShardRes
             raise DatasetError(f"{cfg.data_root}: this dask worker ({_worker_address()}) sees another dataset "
                                "than the coordinator; give all workers the same files at the same path")
         enc_key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_ENCODER}
-        encoder = _cached(("encoder", enc_key, str(device)), lambda: make_encoder(cfg, device))
+        encoder = _cached(("encoder", enc_key, str(device)), lambda: make_encoder(cfg, device, plan.batch_size))
         group = store_io.open_group(cfg.out, "r+", cfg.storage_options)
         attrs = dict(group.attrs)
         if attrs.get("created") != plan.created or any(attrs.get(k) != plan.signature.get(k) for k in SIGNATURE_KEYS):
@@ -327,7 +328,8 @@ def extract_distributed(cfg: ExtractConfig, progress: bool = True, *, client=Non
         batch_size = cfg.batch_size or default_batch_size(torch.device(device))
         writer = StoreWriter.open(
             cfg.out, signature=signature, listing=listing_of(dataset), classes=dataset.classes,
-            mask_classes=dataset.mask_classes, shard_size=cfg.shard_size, overwrite=cfg.overwrite,
+            mask_classes=dataset.mask_classes, shard_size=cfg.shard_size, compression=cfg.compression,
+            overwrite=cfg.overwrite,
             provenance={"dataset_root": cfg.data_root, "checkpoint_path": encoder.checkpoint_path,
                         "device": device, "fast_kernels": cfg.fast, "versions": package_versions()},
             storage_options=cfg.storage_options,

@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from cache import Listing, StoreError, StoreWriter, make_signature
-from cache.schema import DEFAULT_SHARD, EMBED_SHAPE
+from cache.schema import DEFAULT_COMPRESSION, DEFAULT_SHARD, EMBED_SHAPE
 
 from .datasets import BadImageError, DatasetError, open_dataset
 from .datasets.base import Dataset
 from .encoders import build_encoder
 from .encoders.base import Encoder
-from .runtime import amp_dtype_for, package_versions, resolve_device, resolve_precision
+from .runtime import amp_dtype_for, package_versions, resolve_device, resolve_precision, tune_allocator
 
 
 @dataclass
@@ -49,6 +49,7 @@ class ExtractConfig:
     dtype: str = "float16"
     precision: str = "auto"
     shard_size: int = DEFAULT_SHARD
+    compression: str = DEFAULT_COMPRESSION  # of the embeddings: none (fastest reads) or lz4 (~11% smaller)
     overwrite: bool = False
     skip_bad: bool = False
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -58,7 +59,7 @@ class ExtractConfig:
     scheduler: str | None = None  # dask scheduler address: run on that cluster
     dask_workers: int = 0  # > 0: run on a local dask cluster of this many worker processes
     streams: int = 0  # batches encoded at once by as many threads (0: one per core on CPU, 1 on GPU)
-    fast: bool = False  # the encoders' fused kernels (SDPA, folded BatchNorm): equal within float16 rounding
+    fast: bool = True  # the encoders' fused kernels (SDPA, folded BatchNorm): equal within float16 rounding
     compile: bool = False  # torch.compile the encoder (worth it on GPU for long runs; minutes to compile)
     # --- issue 7 (reliability) ---
     refresh_changed: bool = False  # re-encode the shards of samples whose image changed, instead of refusing
@@ -74,6 +75,7 @@ class ExtractResult:
     encoder: str
     device: str
     report: str | None = None  # issue 7: CSV listing the failed samples, beside the store
+    compile_seconds: float = 0.0  # --compile: time spent compiling (part of ``seconds``)
 
     @property
     def images_per_s(self) -> float:
@@ -85,8 +87,9 @@ class ExtractResult:
         fail = f", {self.failed} failed" if self.failed else ""
         if self.failed and self.report:
             fail += f" (listed in {self.report})"
+        compiled = f", {self.compile_seconds:.0f} s of it compiling" if self.compile_seconds else ""
         return (f"{self.out}: {self.encoded} of {self.total} samples encoded{fail} with {self.encoder} "
-                f"on {self.device} in {self.seconds:.1f} s ({self.images_per_s:.2f} img/s)")
+                f"on {self.device} in {self.seconds:.1f} s{compiled} ({self.images_per_s:.2f} img/s)")
 
 
 class _Prepared(TorchDataset):
@@ -280,13 +283,27 @@ def default_workers(device: torch.device) -> int:
     return 1 if cores >= 2 else 0
 
 
-def make_encoder(cfg: ExtractConfig, device: torch.device | str) -> Encoder:
-    """The encoder ``cfg`` asks for (the single-process and the dask paths build it alike)."""
+def make_encoder(cfg: ExtractConfig, device: torch.device | str, batch_size: int = 1) -> Encoder:
+    """The encoder ``cfg`` asks for (the single-process and the dask paths build it alike);
+    with ``cfg.compile`` its net is compiled for batches of ``batch_size``."""
     encoder = build_encoder(cfg.encoder, cfg.checkpoint, device=device, fast=cfg.fast)
     if cfg.compile:
-        # static shapes: one graph for the full batch, one more for a shard's last, shorter batch
-        encoder.net = torch.compile(encoder.net, dynamic=False)
+        from .encoders.fast import CompiledNet
+
+        encoder.net = CompiledNet(encoder.net, batch_size, torch.device(device).type)
     return encoder
+
+
+def warm_up(encoder: Encoder, batch_size: int, device: torch.device, amp: torch.dtype | None) -> float:
+    """Compile a ``--compile`` encoder now, on this thread (not racing in the first
+    streams); returns the seconds it took (0 when there is nothing to compile)."""
+    from .encoders.fast import CompiledNet
+
+    net = encoder.net
+    if not isinstance(net, CompiledNet) or net.state != "new":
+        return 0.0
+    encoder.forward(torch.zeros(batch_size, 3, encoder.img_size, encoder.img_size, device=device), amp_dtype=amp)
+    return net.compile_seconds
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -326,6 +343,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
             from .distributed import extract_distributed
 
             return extract_distributed(cfg, progress=progress)
+        tune_allocator()
         with torch_threads(cfg.threads):
             return _extract(cfg, progress)
 
@@ -395,10 +413,10 @@ def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
     t0 = time.perf_counter()
     dataset = open_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     device = resolve_device(cfg.device)
-    encoder = make_encoder(cfg, device)
+    batch_size = cfg.batch_size or default_batch_size(device)
+    encoder = make_encoder(cfg, device, batch_size)
     precision = resolve_precision(cfg.precision, device)
     amp = amp_dtype_for(precision)
-    batch_size = cfg.batch_size or default_batch_size(device)
     workers = default_workers(device) if cfg.workers < 0 else cfg.workers
     streams, stream_threads = stream_plan(cfg.streams or (1 if cfg.compile else 0), device)  # issue 6
 
@@ -409,6 +427,7 @@ def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
         classes=dataset.classes,
         mask_classes=dataset.mask_classes,
         shard_size=cfg.shard_size,
+        compression=cfg.compression,
         overwrite=cfg.overwrite,
         provenance={
             "dataset_root": str(Path(cfg.data_root).resolve()),
@@ -424,6 +443,7 @@ def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
         shards = writer.pending()
         todo = sum(b - a for a, b in shards)
         errors = {f["id"]: f["error"] for f in writer.group.attrs.get("failures", [])}
+        compile_s = 0.0
         if todo:
             loader = DataLoader(
                 _Prepared(dataset, encoder.prepare, encoder.img_size, cfg.skip_bad),
@@ -435,6 +455,7 @@ def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
                 persistent_workers=False,
             )
             with torch_threads(stream_threads):  # issue 6: CPU streams
+                compile_s = warm_up(encoder, batch_size, device, amp)
                 errors.update(_run(encoder, loader, writer, shards, device, amp, todo, progress, dataset, streams))
         failed_rows = np.flatnonzero(writer.group["failed"][:])
         failures = [{"id": dataset.samples[i].id, "error": errors.get(dataset.samples[i].id, "failed in an earlier run")}
@@ -443,7 +464,7 @@ def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
         report = write_failures_report(cfg.out, failed_rows, failures, cfg.storage_options)  # issue 7
     seconds = time.perf_counter() - t0
     return ExtractResult(out=cfg.out, total=len(dataset), encoded=todo, failed=len(failures), seconds=seconds,
-                         encoder=cfg.encoder, device=str(device), report=report)
+                         encoder=cfg.encoder, device=str(device), report=report, compile_seconds=compile_s)
 
 
 def _run(encoder, loader, writer, shards, device, amp, todo, progress, dataset, streams=1) -> dict[str, str]:

@@ -45,10 +45,11 @@ def data():
     return rng.standard_normal((10, 256, 64, 64)).astype(np.float32)
 
 
-def test_round_trip_shards_and_metadata(tmp_path, data):
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_round_trip_shards_and_metadata(tmp_path, data, compression):
     url = str(tmp_path / "s.zarr")
     with StoreWriter.open(url, signature=signature(), listing=listing(10), classes=["a", "b", "c"],
-                          shard_size=4) as w:
+                          shard_size=4, compression=compression) as w:
         assert w.pending() == [(0, 4), (4, 8), (8, 10)]
         fill(w, data)
         w.commit()
@@ -69,7 +70,18 @@ def test_round_trip_shards_and_metadata(tmp_path, data):
     assert len(shard_files) == 3
     attrs = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
     assert attrs["complete"] is True and attrs["encoder"] == "litemedsam"
-    assert attrs["compressor"]["cname"] == "lz4"
+    assert attrs["compression"] == compression
+    # raw shards hold exactly the float16 bytes plus the shard index (16 B per chunk + crc32c)
+    raw = 256 * 64 * 64 * 2 * 4 + 16 * 4 + 4
+    size = (tmp_path / "s.zarr" / "embeddings" / "c" / "0" / "0" / "0" / "0").stat().st_size
+    assert size == raw if compression == "none" else size < raw
+    assert describe(url)["compression"] == compression
+
+
+def test_unknown_compression_is_refused(tmp_path):
+    with pytest.raises(StoreError, match="unknown compression 'zip'; use one of none, lz4"):
+        StoreWriter.open(str(tmp_path / "s.zarr"), signature=signature(), listing=listing(3), compression="zip")
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_reader_refuses_incomplete_store(tmp_path, data):

@@ -325,3 +325,62 @@ def _encoder_only(ckpt: Path, tmp_path: Path) -> Path:
     out = tmp_path / "enc_only.pth"
     torch.save({k: v for k, v in sd.items() if k.startswith("image_encoder.")}, out)
     return out
+
+
+def test_flush_denormals_is_per_block_and_speeds_nothing_up_by_changing_normal_values():
+    from stages.encoders.base import flush_denormals
+
+    tiny = torch.tensor([1e-39, 1.0], dtype=torch.float32)  # 1e-39 is denormal in float32
+    assert (tiny * 1.0)[0].item() != 0.0
+    with flush_denormals():
+        inside = tiny * 1.0
+    assert inside.tolist() == [0.0, 1.0]
+    assert (tiny * 1.0)[0].item() != 0.0  # restored after the block
+    with flush_denormals(enabled=False):
+        assert (tiny * 1.0)[0].item() != 0.0
+
+
+def test_tune_allocator_is_idempotent_on_glibc():
+    import platform
+
+    from stages.runtime import tune_allocator
+
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert tune_allocator() is on_glibc and tune_allocator() is on_glibc
+
+
+def test_compiled_net_pads_short_batches_and_matches_eager():
+    from stages.encoders.fast import CompiledNet
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    net.requires_grad_(False)
+    compiled = CompiledNet(net, batch=3, device_type="cpu")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.inference_mode():
+        full = compiled(x)
+        assert compiled.state == "ok" and compiled.compile_seconds > 0
+        short = compiled(x[:2])  # zero-padded to 3 inside, one graph for both
+        torch.testing.assert_close(full, net(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(short, net(x[:2]), rtol=1e-5, atol=1e-5)
+        assert short.shape == (2, 4, 16, 16)
+
+
+def test_compiled_net_falls_back_to_eager_when_compiling_fails(capsys):
+    from stages.encoders.fast import CompiledNet
+
+    net = torch.nn.Conv2d(3, 4, 1).eval()
+    compiled = CompiledNet(net, batch=2, device_type="cpu")
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no C++ compiler found")  # what inductor raises on a machine without one
+
+    compiled.compiled = Broken()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), net(x))
+        assert compiled.state == "failed"
+        torch.testing.assert_close(compiled(x), net(x))
+    err = capsys.readouterr().err
+    assert err.count("torch.compile failed (RuntimeError: no C++ compiler found); running the eager encoder") == 1

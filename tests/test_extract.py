@@ -104,6 +104,23 @@ def test_killed_extraction_resumes_to_identical_bytes(tmp_path, synthetic_root, 
     assert not list(out.rglob("*.partial"))
 
 
+def test_storage_and_kernel_options_are_recorded(tmp_path, synthetic_root, synthetic_store, tiny_sam_checkpoint):
+    default = FeatureStore(synthetic_store).attrs
+    assert default["fast_kernels"] is True and default["compression"] == "none"
+    out = tmp_path / "exact.zarr"
+    res = runner.invoke(app, ["extract", "-d", "synthetic", "-r", str(synthetic_root), "-o", str(out), "--encoder",
+                              "sam", "--checkpoint", str(tiny_sam_checkpoint), "--exact", "--compression", "lz4",
+                              "--workers", "0", "-q"])
+    assert res.exit_code == 0, res.output
+    attrs = FeatureStore(out).attrs
+    assert attrs["fast_kernels"] is False and attrs["compression"] == "lz4"
+    bad = runner.invoke(app, ["extract", "-d", "synthetic", "-r", str(synthetic_root), "-o", str(tmp_path / "z.zarr"),
+                              "--encoder", "sam", "--checkpoint", str(tiny_sam_checkpoint), "--compression", "zip",
+                              "-q"])
+    assert bad.exit_code == 2 and "unknown compression 'zip'; use one of none, lz4" in bad.output
+    assert not (tmp_path / "z.zarr").exists()
+
+
 def test_rerun_of_complete_store_does_nothing(synthetic_root, synthetic_store):
     res = extract(ExtractConfig(dataset="synthetic", data_root=str(synthetic_root), out=str(synthetic_store),
                                 shard_size=4, batch_size=4, workers=0), progress=False)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..models.heads import create_head
 from ..progress import progress_bar
-from ..runtime import resolve_device, resolve_precision
+from ..runtime import resolve_device, resolve_precision, tune_allocator
 from ..train.loop import (
     Amp,
     EarlyStopping,
@@ -119,6 +119,7 @@ def train_segmentation(cfg: SegmentConfig, data: SegmentData | None = None) -> d
     volumes, epochs run, seconds. ``data``: an already opened SegmentData of the same
     store and dataset, to share between runs (benchmarks); None opens it from ``cfg``."""
     t0 = time.perf_counter()
+    tune_allocator()
     cfg.check()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)

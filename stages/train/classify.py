@@ -33,7 +33,7 @@ from ..datasets.base import Dataset
 from ..models import create_model
 from ..models.registry import canonical
 from ..progress import progress_bar
-from ..runtime import resolve_device, resolve_precision
+from ..runtime import resolve_device, resolve_precision, tune_allocator
 from .augment import augment, parse_augment
 from .data import (
     ClassifyData,
@@ -210,6 +210,7 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
 
     ``dataset`` overrides opening the store's recorded dataset (tests, notebooks). Raises
     StoreError/DatasetError/ValueError/TrainingError (one line each) on bad input."""
+    tune_allocator()
     kind = canonical(cfg.model)
     if kind.replace("_", "-") not in MODEL_KINDS:
         raise ValueError(f"unknown --model {cfg.model!r}; choose one of: {', '.join(MODEL_KINDS)}")
