@@ -106,27 +106,25 @@ class FeatureStore:
         """Embeddings of ``indices`` (any order, repeats allowed) -> (B,256,64,64) ``dtype``."""
         idx = np.asarray(indices, dtype=np.int64)
         uniq, first, inverse = np.unique(idx, return_index=True, return_inverse=True)
-        if self._direct is not None and self._scale is None and np.dtype(dtype) == self.embeddings.dtype:
-            # each sample straight to its place in the batch: no reordering copy
-            out = np.empty((len(idx), *self.embeddings.shape[1:]), dtype=dtype)
-            self._read_direct(uniq, out, first)
-            repeats = np.flatnonzero(first[inverse] != np.arange(len(idx)))
-            out[repeats] = out[first[inverse[repeats]]]
-            return out
-        if self._direct is not None:
-            block = self._read_direct(uniq)
-            if self._scale is not None or np.array_equal(uniq, idx):
-                out = self._convert(block, uniq, dtype)
-            else:  # reorder and convert in one pass per sample
-                out = np.empty((len(idx), *block.shape[1:]), dtype=dtype)
-                for k, j in enumerate(inverse):
-                    out[k] = block[j]
-                return out
-        else:
+        in_order = np.array_equal(uniq, idx)
+        if self._direct is None:  # zarr's generic path (remote stores)
             out = np.empty((len(uniq), *self.embeddings.shape[1:]), dtype=dtype)
             for pos, a, b in _runs(uniq):
                 out[pos:pos + b - a] = self._convert(self.embeddings[a:b], np.arange(a, b), dtype)
-        return out if np.array_equal(uniq, idx) else out[inverse]
+            return out if in_order else out[inverse]
+        if self._scale is not None:  # int8: dequantise, then order
+            out = self._convert(self._read_direct(uniq), uniq, dtype)
+            return out if in_order else out[inverse]
+        out = np.empty((len(idx), *self.embeddings.shape[1:]), dtype=dtype)
+        if out.dtype == self.embeddings.dtype:  # each sample straight to its place in the batch
+            self._read_direct(uniq, out, first)
+            repeats = np.flatnonzero(first[inverse] != np.arange(len(idx)))
+            out[repeats] = out[first[inverse[repeats]]]
+        else:  # order and convert in one pass per sample
+            block = self._read_direct(uniq)
+            for k, j in enumerate(inverse):
+                out[k] = block[j]
+        return out
 
     def _read_direct(self, rows: np.ndarray, out: np.ndarray | None = None,
                      dest: np.ndarray | None = None) -> np.ndarray:
