@@ -7,15 +7,18 @@ seeds, and the cost of one training epoch from the cache vs recomputing the enco
    ``--val-per-class``, ``--test-limit``; 0 = the whole split) and writes it as a MedMNIST
    .npz in ``--work`` (the official splits are kept).
 2. Extracts it once with the default encoder (``pipeline extract``; resumed if interrupted).
-3. Trains every model x fraction x seed with ``train_classifier`` (a finished run in the
-   subset's ``runs/`` folder is reused when its config.json matches) and prints test AUC /
-   accuracy as mean +- std over seeds. ``--models`` also takes SLCA variants such as
+3. Trains every model x fraction x seed with ``stages.compare.run_compare``, the code of
+   ``pipeline compare`` (runs in the subset's ``compare/runs/<model>/f<fraction>/s<seed>``;
+   a finished run is reused when its config matches, an interrupted one resumed) and prints
+   its table: test AUC / accuracy / balanced accuracy as mean +- sample std over seeds and
+   the paired difference to ``backbone``. ``--models`` also takes SLCA variants such as
    ``slca/gate=mul``, ``slca/window=0``, ``slca/stages=last2`` (the design measurement).
 4. Times one training epoch of ``slca`` reading the cached embeddings, and one epoch
    that runs the encoder on every batch instead (same model, same batches), and prints
    the ratio.
 
-Results also go to ``--work/bench_classify.json``. Progress goes to stderr.
+Results also go to ``--work/bench_classify.json`` (and compare.md/.json/.png in the
+subset's ``compare/`` folder). Progress goes to stderr.
 """
 from __future__ import annotations
 
@@ -67,54 +70,16 @@ def make_subset(src: Path, dst: Path, per_class: dict[str, int], test_limit: int
     return dst
 
 
-ALIASES = {"gate": "slca_gate", "window": "slca_window", "stages": "slca_stages", "hidden": "slca_hidden",
-           "act": "slca_act", "fuse": "slca_fuse", "img": "img_size"}
-FREE = ("store", "out", "overwrite", "in_memory", "workers", "plots", "resume", "device")
+def run_models(args, store: str, out: Path) -> dict:
+    """Every model x fraction x seed through ``pipeline compare``'s implementation (finished
+    runs in ``out`` reused, an interrupted one resumed)."""
+    from stages.compare import CompareConfig, run_compare
 
-
-def variant(spec: str) -> tuple[str, dict]:
-    """``slca/gate=mul/window=0`` -> ("slca", {"slca_gate": "mul", "slca_window": 0})."""
-    model, *opts = spec.split("/")
-    kw = {}
-    for o in opts:
-        k, v = o.split("=", 1)
-        key = ALIASES.get(k, k)
-        kw[key] = bool(int(v)) if key == "slca_fuse" else int(v) if v.lstrip("-").isdigit() else v
-    return model, kw
-
-
-def run_models(args, store: str, runs: Path) -> list[dict]:
-    import dataclasses
-
-    from stages.train import ClassifyConfig, train_classifier
-
-    results = []
-    defaults = dataclasses.asdict(ClassifyConfig(store="", out=""))
-    for frac in args.fractions:
-        for seed in args.seeds:
-            for spec in args.models:
-                model, extra = variant(spec)
-                out = runs / f"{spec.replace('/', '_').replace('=', '')}_f{frac:g}_s{seed}"
-                cfg = ClassifyConfig(store=store, out=str(out), model=model, backbone=args.backbone,
-                                     img_size=args.img_size, epochs=args.epochs, patience=args.patience,
-                                     batch_size=args.batch_size, train_fraction=frac, seed=seed,
-                                     overwrite=True, plots=False, in_memory=args.in_memory, **extra)
-                want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FREE}
-                old = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-                old = {**defaults, **old} if old else old  # options added since that run: their defaults
-                if (out / "metrics.json").exists() and not args.fresh and \
-                        {k: v for k, v in old.items() if k not in FREE} == want:
-                    m = json.loads((out / "metrics.json").read_text())
-                    log(f"reusing {out}")
-                else:
-                    t = time.perf_counter()
-                    m = train_classifier(cfg, progress=False)
-                    log(f"{model:9s} fraction {frac:g} seed {seed}: test auc {m['test']['auc']:.4f} "
-                        f"acc {m['test']['accuracy']:.4f} ({m['n_train']} train, {time.perf_counter() - t:.0f}s)")
-                results.append({"model": spec, "fraction": frac, "seed": seed, "n_train": m["n_train"],
-                                "test_auc": m["test"]["auc"], "test_accuracy": m["test"]["accuracy"],
-                                "seconds": m.get("train_seconds")})
-    return results
+    options = dict(backbone=args.backbone, img_size=args.img_size, epochs=args.epochs, patience=args.patience,
+                   batch_size=args.batch_size, in_memory=args.in_memory)
+    cc = CompareConfig(store=store, out=str(out), models=args.models, fractions=args.fractions, seeds=args.seeds,
+                       options=options, overwrite=args.overwrite)
+    return run_compare(cc, progress=True)
 
 
 def time_epochs(args, store: str) -> dict:
@@ -165,21 +130,6 @@ def time_epochs(args, store: str) -> dict:
     return out
 
 
-def summarize(results: list[dict], models, fractions) -> str:
-    w = max(10, *(len(m) + 2 for m in models))
-    lines = [f"{'model':{w}s}{'fraction':>9s}{'n_train':>9s}{'test AUC':>18s}{'test accuracy':>18s}{'seeds':>7s}"]
-    for frac in fractions:
-        for model in models:
-            rs = [r for r in results if r["model"] == model and r["fraction"] == frac]
-            if not rs:
-                continue
-            auc = np.array([np.nan if r["test_auc"] is None else r["test_auc"] for r in rs], float)
-            acc = np.array([r["test_accuracy"] for r in rs], float)
-            lines.append(f"{model:{w}s}{frac:>9g}{rs[0]['n_train']:>9d}{np.nanmean(auc):>11.4f} +- {np.nanstd(auc):.3f}"
-                         f"{acc.mean():>11.4f} +- {acc.std():.3f}{len(rs):>7d}")
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="PneumoniaMNIST .npz")
@@ -201,7 +151,7 @@ def main() -> None:
     p.add_argument("--in-memory", action="store_true", help="hold the embeddings in RAM during training")
     p.add_argument("--timing-samples", type=int, default=0, help="images in the timed epochs (0: the training split)")
     p.add_argument("--no-timing", action="store_true")
-    p.add_argument("--fresh", action="store_true", help="retrain runs that already have metrics.json")
+    p.add_argument("--overwrite", action="store_true", help="retrain runs made with other settings")
     args = p.parse_args()
 
     from stages.extract import ExtractConfig, extract
@@ -222,17 +172,20 @@ def main() -> None:
     t = time.perf_counter()
     res = extract(ExtractConfig(dataset="medmnist", data_root=str(src), out=str(store)), progress=True)
     log(res.summary() + f" [{time.perf_counter() - t:.0f}s]")
-    results = run_models(args, str(store), store.parent / "runs")
+    compared = run_models(args, str(store), store.parent / "compare")
     timing = None if args.no_timing else time_epochs(args, str(store))
 
     print(f"PneumoniaMNIST {'full' if whole else 'subset ' + src.parent.name}, backbone {args.backbone} at "
           f"{args.img_size}px, {args.epochs} epochs (patience {args.patience}), encoder {res.encoder} on {res.device}")
-    print(summarize(results, args.models, args.fractions))
+    from stages.compare import format_table
+
+    print(format_table(compared["summary"], "backbone" in args.models))
     if timing:
         print(f"one slca training epoch ({timing['samples']} images, {timing['device']}): cache {timing['cache']:.2f}s, "
               f"recompute encoder {timing['recompute']:.2f}s, ratio {timing['ratio']:.1f}x")
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "store": str(store), "runs": results, "timing": timing}
+              "store": str(store), "compare": str(store.parent / "compare"), "runs": compared["runs"],
+              "summary": compared["summary"], "timing": timing}
     (args.work / "bench_classify.json").write_text(json.dumps(report, indent=2))
 
 

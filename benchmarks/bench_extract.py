@@ -24,6 +24,14 @@ Sections (medians over --repeats; all on the same phantom images, made here):
   5. peak RSS of `pipeline extract` at two dataset sizes, each in a fresh process.
   6. int8 vs float16 store: bytes per sample, quantisation error, and a downstream probe
      (logistic regression on pooled features, 5-fold CV) with each.
+  7. the host path with a null encoder (benchmarks/_hostpath.py): per-image core-time of
+     each phase at 1024 and 256 px inputs on real images, the real pipeline's ceiling on
+     this machine, and that ceiling projected to a 16-core GPU host.
+  8. durability: the store writer with and without fsync (benchmarks/_durability.py),
+     per-shard time side by side and the ratio.
+
+Sections from 7 on are functions ``section(bench) -> str`` registered in EXTRA_SECTIONS
+(number -> "module:function"): adding one is one entry there.
 """
 from __future__ import annotations
 
@@ -49,6 +57,13 @@ from benchmarks._util import (  # noqa: E402
     table,
     timed,
 )
+
+
+# section number -> "module:function" taking the Bench and returning its report text
+EXTRA_SECTIONS: dict[str, str] = {
+    "7": "benchmarks._hostpath:section",
+    "8": "benchmarks._durability:section",
+}
 
 
 def make_data(root: Path, n: int, size: int) -> tuple[Path, int]:
@@ -99,6 +114,7 @@ class Bench:
             note(f"no --checkpoint: random-weight {args.encoder} (timings only)")
         self.sync = torch.cuda.synchronize if self.device.type == "cuda" else None
         self.rows: dict[str, list] = {}
+        self.extra: dict[str, str] = {}  # EXTRA_SECTIONS' report texts
 
     # -- helpers --------------------------------------------------------------------
     def cfg(self, root: Path, out: Path, **over):
@@ -183,10 +199,16 @@ class Bench:
                  f"{n / median(ours):.2f}", f"{median(ours) / c:.2f}x"]]
         self.rows["2"] = rows
         flop_line = f"encoder: {flops / 1e9:.1f} GFLOP per image (FlopCounterMode); achieved {achieved / 1e12:.3f} TFLOP/s"
+        # raw figures for machine-readable reports (benchmarks/gpu_check.py)
+        self.figures = {"extract_img_s": n / median(ours), "compute_img_s": n / c, "wall_over_compute": median(ours) / c,
+                        "gflop_per_image": flops / 1e9, "compute_tflop_s": achieved / 1e12,
+                        "extract_tflop_s": flops * n / median(ours) / 1e12}
         if self.device.type == "cuda":
             peak = self.a.peak_tflops or gpu_bf16_peak(torch.cuda.get_device_name())
             if peak:
                 flop_line += f" = {100 * achieved / 1e12 / peak:.1f}% of the GPU's {peak:.0f} TFLOP/s bf16 peak"
+                self.figures.update(bf16_peak_tflop_s=peak, compute_fraction_of_bf16_peak=achieved / 1e12 / peak,
+                                    extract_fraction_of_bf16_peak=flops * n / median(ours) / 1e12 / peak)
         self.flop_line = flop_line
 
     @staticmethod
@@ -483,10 +505,12 @@ class Bench:
             out += ["## 6. int8 vs float16 store",
                     table(self.rows["6"], ["dtype", "on disk / sample", "error vs float16", "probe accuracy",
                                            "same prediction"]), self.int8_note, ""]
+        for key in sorted(self.extra, key=int):
+            out += [self.extra[key], ""]
         return "\n".join(out)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=30, help="images for sections 1, 2 and 4 (rounded up to 3 classes)")
     p.add_argument("--size", type=int, default=256, help="phantom image side")
@@ -508,10 +532,19 @@ def main(argv=None) -> None:
                    help="skip the extra section-1 row with --fast/--exact switched the other way")
     p.add_argument("--naive-only", action="store_true", help=argparse.SUPPRESS)  # naive_fresh's subprocess
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak, if not in the built-in table")
-    p.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (2 comes with 1)")
+    p.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="which sections to run (2 comes with 1)")
+    p.add_argument("--host-n", type=int, default=64, help="section 7: real images per kind")
+    p.add_argument("--host-gpu-ms", type=float, default=0.0,
+                   help="section 7: the null encoder's sleep per image (0: 1 ms at 1024 on CUDA, 1.5x the host's "
+                        "time on CPU)")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp dir)")
     args = p.parse_args(argv)
     args.rss_sizes = [int(x) for x in args.rss_sizes.split(",")]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     wanted = set(args.sections.split(","))
     b = Bench(args)
     if args.naive_only:
@@ -539,6 +572,12 @@ def main(argv=None) -> None:
             b.int8(big)
     if "4" in wanted:
         b.epochs(b.store_n, b.work / f"syn{args.n}")
+    for key, target in EXTRA_SECTIONS.items():
+        if key in wanted:
+            import importlib
+
+            module, func = target.split(":")
+            b.extra[key] = getattr(importlib.import_module(module), func)(b)
     print(b.report())
     print(f"(benchmark wall time {time.perf_counter() - t0:.0f} s)")
 

@@ -142,7 +142,8 @@ def main() -> None:
                 store=a.store, data_root=a.data_root, dataset="acdc-h5", out=str(Path(a.out) / name), head=head,
                 epochs=a.epochs, steps_per_epoch=max(1, a.steps // a.epochs), val_every=a.epochs, patience=0,
                 batch_size=a.batch_size, lr=a.lr, seed=a.seed, device="cpu", labeled_volumes=n,
-                sam_checkpoint=ckpt, in_memory=True, overlays=2, progress=False)
+                sam_checkpoint=ckpt, in_memory=True, overlays=2, progress=False,
+                overwrite=True)  # its own run folders: a run not reused is retrained in place
             m = reusable(cfg, Path(cfg.out)) if a.reuse else None
             if m is None:
                 m = train_segmentation(cfg, data=data)

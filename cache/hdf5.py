@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import io
+from . import io, ownership
 from .reader import FeatureStore
 from .schema import EMBEDDINGS, FORMAT, LISTING, RESULTS, SCALE, SIGNATURE_KEYS, compression_of
 from .signature import StoreError
@@ -75,14 +76,39 @@ def export_hdf5(store: str | os.PathLike, out: str | os.PathLike, *, compression
     if compression not in COMPRESSIONS:
         raise ValueError(f"--compression {compression!r}: use one of {', '.join(COMPRESSIONS)}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; choose another --out or pass --overwrite")
+    ownership.check_file_target(out, overwrite=overwrite, is_ours=is_export, what="feature-store HDF5 export")
     src = FeatureStore(store, storage_options=storage_options)
     emb = src.group[EMBEDDINGS]
     comp = None if compression == "none" else compression
-    tmp = out.with_name(out.name + ".partial")
+    # a fresh temporary name, created exclusively ("w-"): never truncates a file of the user's
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(tmp, "w") as f:
+    try:
+        _write_export(h5py, src, emb, tmp, comp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    io.fsync_path(out)
+    return out
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """An HDF5 file written by ``export_hdf5`` (its ``format`` attribute is ours)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format")
+    except (OSError, ValueError):
+        return False
+    return (fmt.decode() if isinstance(fmt, bytes) else fmt) == FORMAT
+
+
+def _write_export(h5py, src: FeatureStore, emb, tmp: Path, comp) -> None:
+    with h5py.File(tmp, "w-") as f:
         _attrs_to_h5(src.attrs, f.attrs)
         dset = f.create_dataset(EMBEDDINGS, shape=emb.shape, dtype=emb.dtype, chunks=(1, *emb.shape[1:]),
                                 compression=comp)
@@ -99,8 +125,6 @@ def export_hdf5(store: str | os.PathLike, out: str | os.PathLike, *, compression
                              dtype=h5py.string_dtype("utf-8"))
         for name, dt in _DTYPES.items():
             f.create_dataset(name, data=np.asarray(src.group[name][:], dtype=dt))
-    os.replace(tmp, out)
-    return out
 
 
 def import_hdf5(path: str | os.PathLike, store: str | os.PathLike, *, overwrite: bool = False,
@@ -112,8 +136,8 @@ def import_hdf5(path: str | os.PathLike, store: str | os.PathLike, *, overwrite:
     path, store = Path(path), str(store)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such HDF5 file; make one with `pipeline export STORE --format hdf5`")
-    if io.exists(store, storage_options) and not overwrite:
-        raise StoreError(f"{store} exists; choose another --out or pass --overwrite")
+    if ownership.check_store_target(store, storage_options) == "ours" and not overwrite:
+        raise StoreError(f"{store}: a feature store exists there; choose another --out or pass --overwrite")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -138,7 +162,7 @@ def import_hdf5(path: str | os.PathLike, store: str | os.PathLike, *, overwrite:
         writer = StoreWriter.open(store, signature=signature, listing=listing, classes=attrs.get("classes", []),
                                   mask_classes=attrs.get("mask_classes", []), shard_size=int(attrs["shard_size"]),
                                   compression=compression_of(attrs),
-                                  overwrite=True, provenance=provenance, storage_options=storage_options)
+                                  overwrite=overwrite, provenance=provenance, storage_options=storage_options)
         with writer:
             g = writer.group
             for a, b in writer.shards():
@@ -152,4 +176,4 @@ def import_hdf5(path: str | os.PathLike, store: str | os.PathLike, *, overwrite:
     return store
 
 
-__all__ = ["COMPRESSIONS", "export_hdf5", "import_hdf5"]
+__all__ = ["COMPRESSIONS", "export_hdf5", "import_hdf5", "is_export"]

@@ -1,6 +1,7 @@
 """Reading a finished feature store (stage two, ``pipeline info``, export)."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -22,6 +23,34 @@ def _runs(sorted_idx: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(a), int(sorted_idx[a]), int(sorted_idx[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+_PER_SAMPLE = (("ids", "id", object), ("labels", "label", np.int64), ("splits", "split", object),
+               ("groups", "group", object), ("slices", "slice", np.int64), ("heights", "height", np.int64),
+               ("widths", "width", np.int64), ("hashes", "hash", object), ("done", "done", bool),
+               ("failed", "failed", bool))
+
+
+def damaged(url: str, name: str, error: BaseException) -> StoreError:
+    """StoreError naming the store and the file of it that could not be read.
+
+    ``name``: the array being read ("" for the group itself). For a local store each
+    candidate ``zarr.json`` is parsed to find the broken one; else the array's chunks are
+    named (a truncated or corrupt chunk file)."""
+    what = f"{type(error).__name__}: {error}".splitlines()[0][:160]
+    if io.is_remote(url):
+        where = f"{url.rstrip('/')}/{name + '/' if name else ''}zarr.json (or its chunks)"
+    else:
+        root = io.local_path(url)
+        where = str(root / name / "c") if name else str(root / "zarr.json")
+        for meta in [root / "zarr.json"] + ([root / name / "zarr.json"] if name else []):
+            try:
+                json.loads(meta.read_bytes())
+            except (OSError, ValueError):
+                where = str(meta)
+                break
+    return StoreError(f"{url}: the store is damaged, {where} cannot be read ({what}); "
+                      "re-extract it (`pipeline extract ... --overwrite`)")
+
+
 class FeatureStore:
     """A complete store, opened read-only.
 
@@ -38,8 +67,13 @@ class FeatureStore:
         self.url = str(url)
         if not io.exists(url, storage_options):
             raise StoreError(f"{url}: no feature store there; run `pipeline extract ... --out {url}` first")
-        self.group: zarr.Group = io.open_group(url, "r", storage_options)
-        self.attrs: dict[str, Any] = dict(self.group.attrs)
+        try:
+            self.group: zarr.Group = io.open_group(url, "r", storage_options)
+            self.attrs: dict[str, Any] = dict(self.group.attrs)
+        except StoreError:
+            raise
+        except Exception as e:  # a damaged zarr.json: say which store and which file
+            raise damaged(self.url, "", e) from None
         if self.attrs.get("format") != FORMAT:
             raise StoreError(f"{url}: not a feature store made by `pipeline extract`")
         if self.attrs.get("schema_version") != SCHEMA_VERSION:
@@ -51,21 +85,27 @@ class FeatureStore:
                 f"{url}: store is not complete (extraction was interrupted or is still running); "
                 "re-run the same `pipeline extract` command to finish it"
             )
+        self._reading = ""
+        try:
+            self._open_arrays(url)
+        except StoreError:
+            raise
+        except Exception as e:
+            raise damaged(self.url, self._reading, e) from None
+
+    def _open_arrays(self, url) -> None:
         g = self.group
+        self._reading = EMBEDDINGS
         self.embeddings: zarr.Array = g[EMBEDDINGS]
+        self._reading = ""
         self.n = int(self.attrs["num_samples"])
         self.shard_size = int(self.attrs["shard_size"])
-        self.ids = np.asarray(g["id"][:], dtype=object)
-        self.labels = np.asarray(g["label"][:], dtype=np.int64)
-        self.splits = np.asarray(g["split"][:], dtype=object)
-        self.groups = np.asarray(g["group"][:], dtype=object)
-        self.slices = np.asarray(g["slice"][:], dtype=np.int64)
-        self.heights = np.asarray(g["height"][:], dtype=np.int64)
-        self.widths = np.asarray(g["width"][:], dtype=np.int64)
-        self.hashes = np.asarray(g["hash"][:], dtype=object)
-        self.done = np.asarray(g["done"][:], dtype=bool)
-        self.failed = np.asarray(g["failed"][:], dtype=bool)
+        for attr, name, dtype in _PER_SAMPLE:
+            self._reading = name
+            setattr(self, attr, np.asarray(g[name][:], dtype=dtype))
+        self._reading = SCALE
         self._scale = g[SCALE] if SCALE in g else None
+        self._reading = EMBEDDINGS
         self._direct = None if io.is_remote(url) else layout(self.embeddings, io.local_path(url))
         self._pos = {s: i for i, s in enumerate(self.ids)}
 

@@ -26,7 +26,7 @@ import zarr
 _EMPTY = 2**64 - 1
 
 
-def _endian(codec) -> str | None:
+def codec_endian(codec) -> str | None:
     e = getattr(codec, "endian", None)
     return None if e is None else str(getattr(e, "value", e))
 
@@ -45,7 +45,7 @@ def layout(arr: zarr.Array, root: Path | None) -> dict | None:
     if (inner not in (["BytesCodec", "BloscCodec"], ["BytesCodec"]) or index != ["BytesCodec", "Crc32cCodec"]
             or str(sh.index_location.value) != "end" or tuple(sh.chunk_shape) != (1, *arr.shape[1:])):
         return None
-    endian = _endian(sh.codecs[0])
+    endian = codec_endian(sh.codecs[0])
     if endian != "little" and not (endian is None and np.dtype(arr.dtype).itemsize == 1):
         return None
     enc = meta.chunk_key_encoding

@@ -4,13 +4,13 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from . import io
+from . import io, ownership, shardwrite
 from .schema import (
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
@@ -25,6 +25,9 @@ from .schema import (
     SCHEMA_VERSION,
 )
 from .signature import StoreError, check_signature
+
+if TYPE_CHECKING:
+    from .lease import Lease
 
 
 @dataclass
@@ -66,15 +69,19 @@ def write_shard(group: zarr.Group, start: int, emb: np.ndarray) -> None:
     """Write the embeddings of one whole shard (rows start..start+len(emb)) in one piece.
 
     Used by the local writer thread and by dask workers alike; a whole-shard write
-    never reads the old shard and replaces its file atomically."""
+    never reads the old shard and replaces its file atomically. Local uncompressed stores
+    write the shard file by hand (``shardwrite``: the same bytes, without zarr's per-chunk
+    cost); anything else goes through zarr."""
     arr = group[EMBEDDINGS]
     stop = start + emb.shape[0]
     if str(arr.dtype) == "int8":
         q, scale = quantize(emb.astype(np.float32, copy=False))
         group[SCALE][start:stop] = scale
-        arr[start:stop] = q
+        data = q
     else:
-        arr[start:stop] = emb.astype(arr.dtype, copy=False)
+        data = emb.astype(arr.dtype, copy=False)
+    if not shardwrite.write_direct(arr, start, data):
+        arr[start:stop] = data
 
 
 def _half_created(url: str, storage_options: dict[str, Any] | None) -> bool:
@@ -87,13 +94,15 @@ class StoreWriter:
     """Owns the per-sample result arrays and the commit of one store.
 
     ``open`` creates a store, resumes a matching one, or refuses one that was made
-    differently (``--overwrite`` replaces it). Shard size and compression are storage,
+    differently (``--overwrite`` replaces it). Whatever is at ``url`` must be ours first
+    (``ownership``): anything else is refused, with or without ``overwrite``, and a store
+    of ours is replaced by deleting only its own files. Shard size and compression are storage,
     not content: a resumed store keeps its own. Embedding shards go through
     ``write_shard``; ``mark_done`` then records the shard's samples; ``commit`` writes
     ``complete: true`` last.
     """
 
-    def __init__(self, url: str, group: zarr.Group, lock: io.StoreLock):
+    def __init__(self, url: str, group: zarr.Group, lock: "io.StoreLock | Lease"):
         self.url = url
         self.group = group
         self.lock = lock
@@ -124,20 +133,19 @@ class StoreWriter:
             raise StoreError(f"shard size {shard_size} must divide {META_CHUNK}; use e.g. 16, 32 or 64")
         if compression not in COMPRESSIONS:
             raise StoreError(f"{url}: unknown compression {compression!r}; use one of {', '.join(COMPRESSIONS)}")
-        lock = io.StoreLock(url).acquire()
+        lock = io.writer_lock(url, storage_options)
         try:
-            if io.exists(url, storage_options) and overwrite:
-                io.remove(url, storage_options)
-            if io.exists(url, storage_options) and _half_created(url, storage_options):
-                io.remove(url, storage_options)  # a creation killed half-way: it holds no work
-            if io.exists(url, storage_options):
+            # what is at --out must be ours before anything is deleted or written there
+            kind = ownership.check_store_target(url, storage_options)
+            if kind == "ours" and (overwrite or _half_created(url, storage_options)):
+                ownership.remove_store(url, storage_options)  # a half-made creation holds no work
+                kind = "absent"
+            if kind == "ours":
                 group = io.open_group(url, "r+", storage_options)
-                attrs = dict(group.attrs)
-                if attrs.get("format") != FORMAT:
-                    raise StoreError(f"{url}: not a feature store; choose another --out")
-                check_signature(url, attrs, signature)
+                check_signature(url, dict(group.attrs), signature)
                 io.remove_partials(url)
                 return cls(url, group, lock)
+            io.remove_partials(url)  # temporaries of a creation killed before zarr.json existed
             group = cls._create(url, signature, listing, classes, mask_classes, shard_size, compression, provenance,
                                 storage_options)
             return cls(url, group, lock)
@@ -166,10 +174,10 @@ class StoreWriter:
             **dict(provenance or {}),
             "initialized": False,  # True once every array exists (see _half_created)
         }
-        # zarr.json is born with the attributes: a store killed while being created is
-        # recognisable as ours and half-made, never a foreign group to refuse
-        group = zarr.open_group(store=io.open_store(url, read_only=False, storage_options=storage_options),
-                                mode="w", zarr_format=3, attributes=attrs)
+        # zarr.json is born with the attributes (a killed creation is recognisably ours);
+        # overwrite=False, never mode "w" (which clears the path): open() proved it free
+        group = zarr.create_group(store=io.open_store(url, read_only=False, storage_options=storage_options),
+                                  overwrite=False, zarr_format=3, attributes=attrs)
         dtype = signature["dtype"]
         group.create_array(
             EMBEDDINGS,
@@ -221,6 +229,7 @@ class StoreWriter:
 
     def mark_done(self, start: int, heights, widths, hashes, failed) -> None:
         """Record a shard's samples as done; call only after its embeddings are written."""
+        self.lock.check()  # a writer that lost its remote lease marks nothing more done
         stop = start + len(heights)
         self.group["height"][start:stop] = np.asarray(heights, dtype=np.int32)
         self.group["width"][start:stop] = np.asarray(widths, dtype=np.int32)
@@ -234,6 +243,7 @@ class StoreWriter:
         if not self.done.all():
             missing = int((~self.done).sum())
             raise StoreError(f"{self.url}: {missing} samples not extracted yet; run the same command again")
+        self.lock.check()
         attrs = dict(extra or {})
         attrs["failed_count"] = int(np.asarray(self.group["failed"][:]).sum())
         attrs["completed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -5,6 +5,7 @@ from . import cli_extract  # noqa: F401  (registers extract, info, make-syntheti
 from . import cli_store  # noqa: F401  (registers export, import)
 from . import cli_train  # noqa: F401
 from . import cli_report  # noqa: F401  (registers report)
+from . import cli_compare  # noqa: F401  (registers compare)
 from .app import app
 
 __all__ = ["app"]

@@ -30,8 +30,8 @@ def extract(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset reader: imagefolder, csv, medmnist, acdc-h5, synthetic."),
     data_root: Path = typer.Option(..., "--data-root", "-r", help="Dataset folder or file (MedMNIST .npz, CSV manifest)."),
     out: str = typer.Option(..., "--out", "-o", help="Store to write: a folder like cache/NAME.zarr or an fsspec URL (s3://...)."),
-    encoder: str = typer.Option("litemedsam", "--encoder", "-e", help="litemedsam (embedded weights), vit_b, vit_l, vit_h, or sam (architecture read from --checkpoint)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights file: an official SAM checkpoint for vit_*, optional for litemedsam."),
+    encoder: str = typer.Option("litemedsam", "--encoder", "-e", help="litemedsam (embedded weights), vit_b, vit_l, vit_h, sam (architecture read from --checkpoint), or SAM 2/2.1: sam2_hiera_t, sam2_hiera_s, sam2_hiera_b+, sam2_hiera_l (need the sam2 extra)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Weights file: an official SAM checkpoint for vit_*, SAM 2/2.1 checkpoint for sam2_hiera_*, optional for litemedsam."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
     batch_size: int = typer.Option(0, "--batch-size", "-b", help="Images per encoder call (0: 1 on CPU, where --streams run in parallel; 32 on GPU); batches never cross a shard."),
     workers: int = typer.Option(-1, "--workers", help="DataLoader processes decoding and resizing images (-1: automatic)."),
@@ -57,11 +57,13 @@ def extract(
     Re-running the same command resumes an interrupted store; a store made differently is
     refused unless --overwrite.
     """
+    from cache.ownership import check_store_target
     from stages.extract import ExtractConfig, extract as run
 
     storage = parse_options(storage_option, "--storage-option")
     if "endpoint_url" in storage:
         storage = {"client_kwargs": {"endpoint_url": storage.pop("endpoint_url")}, **storage}
+    check_store_target(out, storage or None)  # refuse a foreign --out before loading anything (again in the writer)
     cfg = ExtractConfig(
         dataset=dataset, data_root=str(data_root), out=out, encoder=encoder,
         checkpoint=str(checkpoint) if checkpoint else None, device=device, batch_size=batch_size,

@@ -26,7 +26,8 @@ def train(
     task: str = typer.Option("classify", "--task", help="classify (image labels) or segment (pixel masks)."),
     model: str = typer.Option("slca", "--model", "-m", help="classify: slca (backbone + SLCA), backbone (no SLCA), probe (logistic regression on pooled SAM features), sam-head (small CNN on SAM features)."),
     backbone: str = typer.Option("resnet18", "--backbone", help="timm model for slca/backbone: resnet18/50/152, seresnext50_32x4d, legacy_senet154, swinv2_tiny_window8_256, ..."),
-    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="Local timm checkpoint (.pth/.safetensors) for the backbone; default random init (nothing is downloaded)."),
+    backbone_weights: Optional[Path] = typer.Option(None, "--backbone-weights", help="Local timm checkpoint (.pth/.safetensors) for the backbone, read by timm's pretrained loader; default random init (nothing is downloaded)."),
+    pretrained: bool = typer.Option(False, "--pretrained/--no-pretrained", help="slca/backbone: start from timm's pretrained (ImageNet) weights, downloaded once through the Hugging Face hub into its cache (HF_HOME); HF_HUB_OFFLINE=1 reads only the cache."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset reader kind (default: the one recorded in the store)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", "-r", help="Dataset location (default: the one recorded in the store)."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Dataset reader option KEY=VALUE (repeatable)."),
@@ -78,9 +79,12 @@ def train(
     if task not in TASKS:
         raise ValueError(f"--task {task!r}: use classify or segment")
     if task == "segment":
+        if pretrained or backbone_weights:
+            raise ValueError("--pretrained / --backbone-weights: only --task classify (--model slca or backbone) "
+                             "has a timm backbone; drop them for segmentation heads")
         _train_segment(from_cache, out, dataset, data_root, option, head, epochs, batch_size, lr, weight_decay,
                        seed, device, precision, train_fraction, labeled_volumes, sam_checkpoint, in_memory, resume,
-                       patience, workers, quiet)
+                       patience, workers, quiet, overwrite)
         return
     from stages.evaluate import format_metrics
     from stages.train import ClassifyConfig, train_classifier
@@ -88,7 +92,7 @@ def train(
     base = ClassifyConfig(store="", out="")
     cfg = ClassifyConfig(
         store=from_cache, out=str(out), model=model, backbone=backbone,
-        backbone_weights=str(backbone_weights) if backbone_weights else None, dataset=dataset,
+        backbone_weights=str(backbone_weights) if backbone_weights else None, pretrained=pretrained, dataset=dataset,
         data_root=str(data_root) if data_root else None, dataset_options=parse_options(option, "--option"),
         img_size=img_size, slca_stages=slca_stages.lstrip("="), slca_window=slca_window, slca_hidden=slca_hidden,
         slca_act=slca_act, slca_gate=slca_gate, slca_fuse=slca_fuse, head_width=sam_head_width, drop_rate=drop_rate,
@@ -101,7 +105,7 @@ def train(
         test_fraction=test_fraction, probe_c=probe_c, device=device, precision=precision, workers=workers,
         in_memory=in_memory, resume=resume, overwrite=overwrite, attention_images=attention_images, plots=plots,
     )
-    _check_numbers(cfg)
+    check_numbers(cfg)
     try:
         metrics = train_classifier(cfg, progress=not quiet)
     except KeyboardInterrupt:
@@ -110,7 +114,8 @@ def train(
     print(f"wrote {out}/model.pt, metrics.json, history.csv, predictions.csv")
 
 
-def _check_numbers(cfg) -> None:
+def check_numbers(cfg) -> None:
+    """Refuse numeric training settings that cannot work (shared by train and compare)."""
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
@@ -126,7 +131,7 @@ def _check_numbers(cfg) -> None:
 
 def _train_segment(store, out, dataset, data_root, option, head, epochs, batch_size, lr, weight_decay, seed,
                    device, precision, train_fraction, labeled_volumes, sam_checkpoint, in_memory, resume,
-                   patience, workers, quiet) -> None:
+                   patience, workers, quiet, overwrite=False) -> None:
     try:
         from stages.segment import SegmentConfig, train_segmentation
     except ImportError as e:
@@ -136,7 +141,7 @@ def _train_segment(store, out, dataset, data_root, option, head, epochs, batch_s
     attrs = FeatureStore(store).attrs
     kw = dict(store=store, out=str(out), head=head, seed=seed, device=device, precision=precision,
               train_fraction=train_fraction, labeled_volumes=labeled_volumes, sam_checkpoint=sam_checkpoint,
-              in_memory=in_memory, resume=resume, progress=not quiet,
+              in_memory=in_memory, resume=resume, overwrite=overwrite, progress=not quiet,
               dataset=dataset or attrs.get("dataset_kind"), data_root=str(data_root or attrs.get("dataset_root")),
               dataset_options=parse_options(option, "--option"))
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("weight_decay", weight_decay),
@@ -208,16 +213,37 @@ def evaluate(
 @app.command()
 @handle_errors
 def predict(
-    model: Path = typer.Argument(..., help="Classification model.pt written by `pipeline train`."),
-    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF, BMP, .npy)."),
+    model: Path = typer.Argument(..., help="model.pt written by `pipeline train`: a classifier, or a --task segment head."),
+    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF, BMP, .npy); segmentation also reads ACDC-style .h5 files ('image' (H,W) or (slices,H,W))."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Segmentation (required): folder, new or existing, for <stem>_mask.png (or _mask.h5 for .h5 inputs) and <stem>_overlay.png per input."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Segmentation: replace those output files of these inputs if they exist (never any other file); without it an existing one is refused."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
     device: str = typer.Option("auto", "--device"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Encoder weights, when the path recorded at extraction is not on this machine."),
     batch_size: int = typer.Option(8, "--batch-size", "-b"),
 ) -> None:
-    """Classify new images end to end: encoder -> model -> class probabilities on stdout."""
+    """Run a saved model on new files end to end (encoder -> model). A classifier prints class
+    probabilities; a segmentation head writes a label mask at each input's own size and an
+    overlay PNG into --out, and prints per-class pixel (voxel) counts."""
+    from stages.train.loop import load_checkpoint
+
+    ckpt = str(checkpoint) if checkpoint else None
+    if load_checkpoint(model).get("task") == "segment":
+        from stages.segment.predict import FORMATS, format_counts, predict_segmentation
+
+        if out is None:
+            raise ValueError(f"{model}: a segmentation model writes a mask and an overlay per input; pass --out DIR")
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
+        results = predict_segmentation(model, [str(p) for p in images], out, overwrite=overwrite, device=device,
+                                       checkpoint=ckpt, batch_size=batch_size)
+        print(format_counts(results, fmt))
+        return
+    if out is not None or overwrite:
+        raise ValueError(f"{model}: a classifier prints its predictions; --out and --overwrite are for "
+                         "segmentation models")
     from stages.predict import format_predictions, predict_files
 
-    classes, probs = predict_files(model, [str(p) for p in images], device=device,
-                                   checkpoint=str(checkpoint) if checkpoint else None, batch_size=batch_size)
+    classes, probs = predict_files(model, [str(p) for p in images], device=device, checkpoint=ckpt,
+                                   batch_size=batch_size)
     print(format_predictions(images, classes, probs, fmt))

@@ -19,6 +19,7 @@ from torch import nn
 from cache import FeatureStore, SignatureMismatchError, StoreError
 
 from .datasets.base import Dataset
+from .geometry import saved_geometry
 from .models import create_model
 from .runtime import resolve_device, resolve_precision
 from .train.classify import MODEL_FORMAT
@@ -72,7 +73,8 @@ def evaluate_classifier(model_path: str | Path, store: str, out: str | Path | No
         raise ValueError(f"{store}: no labelled samples in split {split!r}; use --split all (or train/val/test)")
     img_size = int(saved["img_size"])
     amp = Amp(dev, resolve_precision(precision, dev))
-    data = ClassifyData(joined, rows, img_size, net.uses_image, net.uses_sam, in_memory, progress)
+    data = ClassifyData(joined, rows, img_size, net.uses_image, net.uses_sam, in_memory, progress,
+                        geometry=saved_geometry(saved))
     w = default_workers(dev, in_memory) if workers < 0 else workers
     loader = make_loader(data, batch_size, False, 0, w, fs.shard_size, pin=dev.type == "cuda")
     prep = Prepared(joined, {split: rows}, classes, img_size)

@@ -3,34 +3,45 @@
 Work is cut along the store's shards: a shard's samples are decoded and preprocessed in
 DataLoader workers, encoded in batches that never cross a shard boundary (so an
 interrupted and resumed run computes every shard from exactly the same batches as an
-uninterrupted one, and stores the same bytes), and handed to a writer thread that writes
-the shard and then marks its samples done while the encoder goes on with the next one.
+uninterrupted one, and stores the same bytes), and handed to writer threads that write
+the shard and then mark its samples done while the encoder goes on with the next one
+(that machinery, and what it does to keep a GPU fed, is in ``stages/hostpath.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
-import queue
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
 from cache import Listing, StoreError, StoreWriter, make_signature
-from cache.schema import DEFAULT_COMPRESSION, DEFAULT_SHARD, EMBED_SHAPE
+from cache.schema import DEFAULT_COMPRESSION, DEFAULT_SHARD
 
-from .datasets import BadImageError, DatasetError, open_dataset
+from .datasets import DatasetError, open_dataset
 from .datasets.base import Dataset
 from .encoders import build_encoder
 from .encoders.base import Encoder
+# the decode -> encode -> write machinery; re-exported here for stages.distributed and tests
+from .hostpath import (  # noqa: F401
+    _collate,
+    _Prepared,
+    _ShardWriter,
+    default_batch_size,
+    default_workers,
+    encode_batches,
+    forward_resilient,
+    make_loader,
+    prepared,
+    run_shards,
+    stream_plan,
+)
 from .runtime import amp_dtype_for, package_versions, resolve_device, resolve_precision, tune_allocator
 
 
@@ -54,14 +65,14 @@ class ExtractConfig:
     skip_bad: bool = False
     dataset_options: dict[str, Any] = field(default_factory=dict)
     storage_options: dict[str, Any] | None = None
-    # --- issue 6 (stages/distributed.py) ---
+    # scale: threads, dask (stages/distributed.py), CPU streams, kernels
     threads: int = 0  # torch intra-op threads per process; 0: torch's default (all cores; dask: cores/worker)
     scheduler: str | None = None  # dask scheduler address: run on that cluster
     dask_workers: int = 0  # > 0: run on a local dask cluster of this many worker processes
     streams: int = 0  # batches encoded at once by as many threads (0: one per core on CPU, 1 on GPU)
     fast: bool = True  # the encoders' fused kernels (SDPA, folded BatchNorm): equal within float16 rounding
     compile: bool = False  # torch.compile the encoder (worth it on GPU for long runs; minutes to compile)
-    # --- issue 7 (reliability) ---
+    # reliability
     refresh_changed: bool = False  # re-encode the shards of samples whose image changed, instead of refusing
 
 
@@ -74,7 +85,7 @@ class ExtractResult:
     seconds: float
     encoder: str
     device: str
-    report: str | None = None  # issue 7: CSV listing the failed samples, beside the store
+    report: str | None = None  # CSV listing the failed samples, beside the store
     compile_seconds: float = 0.0  # --compile: time spent compiling (part of ``seconds``)
 
     @property
@@ -90,37 +101,6 @@ class ExtractResult:
         compiled = f", {self.compile_seconds:.0f} s of it compiling" if self.compile_seconds else ""
         return (f"{self.out}: {self.encoded} of {self.total} samples encoded{fail} with {self.encoder} "
                 f"on {self.device} in {self.seconds:.1f} s{compiled} ({self.images_per_s:.2f} img/s)")
-
-
-class _Prepared(TorchDataset):
-    """Index -> (index, (3,S,S) tensor, height, width, content hash, error message)."""
-
-    def __init__(self, dataset: Dataset, prepare: Callable[[np.ndarray], torch.Tensor], size: int, skip_bad: bool):
-        self.dataset, self.prepare, self.size, self.skip_bad = dataset, prepare, size, skip_bad
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        # Errors travel as data and are raised on the main thread (encode_batches): torch
-        # re-raises a worker's exception as "Caught X in DataLoader worker process 0",
-        # which loses the one-line message naming the file.
-        digest = ""
-        try:
-            digest = self.dataset.content_hash(i)
-            image = self.dataset.load_image(i)
-            return i, self.prepare(image), image.shape[0], image.shape[1], digest, ""
-        except DatasetError as e:
-            error = str(e).splitlines()[0] if str(e) else type(e).__name__
-        except OSError as e:  # e.g. the file vanished after listing
-            error = f"{e.filename or self.dataset.samples[i].id}: cannot read the file ({e.strerror or e}); " \
-                    "restore it or remove it from the dataset"
-        return i, torch.zeros(3, self.size, self.size), 0, 0, digest, error
-
-
-def _collate(items):
-    idx, tensors, h, w, hashes, errors = zip(*items)
-    return list(idx), torch.stack(tensors), list(h), list(w), list(hashes), list(errors)
 
 
 def shard_batches(shards: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -189,100 +169,6 @@ def verify_hashes(dataset: Dataset, writer: StoreWriter, refresh: bool = False) 
     return changed
 
 
-def encode_batches(encoder: Encoder, loader: DataLoader, device: torch.device, amp: torch.dtype | None,
-                   streams: int = 1) -> Iterator[tuple[list[int], np.ndarray, list, list, list, list]]:
-    """Yield (indices, embeddings (B,256,64,64) float32, heights, widths, hashes, errors),
-    in the loader's order.
-
-    A bad image raises BadImageError (its one-line message) before its batch is encoded,
-    unless the loader's dataset skips bad images (``skip_bad``): then its error is yielded
-    and its embedding is zeros. ``streams`` > 1 encodes that many batches at once in
-    threads (torch releases the GIL inside its kernels): on CPU, streams of one torch
-    thread each beat one stream of many threads, whose small kernels scale poorly."""
-    strict = not getattr(loader.dataset, "skip_bad", False)
-
-    def checked():
-        for idx, batch, h, w, hashes, errors in loader:
-            bad = [e for e in errors if e]
-            if bad and strict:
-                raise BadImageError(f"{bad[0]} (or re-run with --skip-bad to record such images as failed and go on)")
-            yield idx, batch.to(device, non_blocking=True), h, w, hashes, errors
-
-    if streams <= 1:
-        for idx, batch, h, w, hashes, errors in checked():
-            yield idx, forward_resilient(encoder, batch, amp), h, w, hashes, errors
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(streams, thread_name_prefix="encode") as pool:
-        pending: deque = deque()
-        for idx, batch, h, w, hashes, errors in checked():
-            pending.append(((idx, h, w, hashes, errors), pool.submit(forward_resilient, encoder, batch, amp)))
-            if len(pending) > streams:  # keep every stream busy, hand results on in order
-                (idx, h, w, hashes, errors), fut = pending.popleft()
-                yield idx, fut.result(), h, w, hashes, errors
-        while pending:
-            (idx, h, w, hashes, errors), fut = pending.popleft()
-            yield idx, fut.result(), h, w, hashes, errors
-
-
-def forward_resilient(encoder: Encoder, batch: torch.Tensor, amp: torch.dtype | None) -> np.ndarray:
-    """Encoder forward; on CUDA out-of-memory, retry the batch in halves instead of dying."""
-    try:
-        return encoder.forward(batch, amp_dtype=amp).cpu().numpy()
-    except torch.cuda.OutOfMemoryError:
-        if batch.shape[0] == 1:
-            raise
-        torch.cuda.empty_cache()
-        half = batch.shape[0] // 2
-        print(f"CUDA out of memory at batch {batch.shape[0]}; retrying as {half}+{batch.shape[0] - half}",
-              file=sys.stderr)
-        return np.concatenate([forward_resilient(encoder, batch[:half], amp),
-                               forward_resilient(encoder, batch[half:], amp)])
-
-
-class _ShardWriter(threading.Thread):
-    """Writes finished shards and marks them done, off the compute thread."""
-
-    def __init__(self, writer: StoreWriter):
-        super().__init__(daemon=True)
-        self.writer = writer
-        self.jobs: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if self.error is None:
-                try:
-                    start, emb, h, w, hashes, failed = job
-                    self.writer.write_shard(start, emb)
-                    self.writer.mark_done(start, h, w, hashes, failed)
-                except OSError as e:  # surfaced on the main thread
-                    what = f"writing shard {start // self.writer.shard_size} (samples {start}..{start + len(h) - 1})"
-                    self.error = disk_full_error(e, self.writer.url, what) or e
-                except BaseException as e:  # surfaced on the main thread
-                    self.error = e
-
-    def put(self, job) -> None:
-        if self.error is not None:
-            raise self.error
-        self.jobs.put(job)
-
-    def finish(self) -> None:
-        self.jobs.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
-def default_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
-    if device.type == "cuda":
-        return min(8, cores)
-    return 1 if cores >= 2 else 0
-
-
 def make_encoder(cfg: ExtractConfig, device: torch.device | str, batch_size: int = 1) -> Encoder:
     """The encoder ``cfg`` asks for (the single-process and the dask paths build it alike);
     with ``cfg.compile`` its net is compiled for batches of ``batch_size``."""
@@ -304,21 +190,6 @@ def warm_up(encoder: Encoder, batch_size: int, device: torch.device, amp: torch.
         return 0.0
     encoder.forward(torch.zeros(batch_size, 3, encoder.img_size, encoder.img_size, device=device), amp_dtype=amp)
     return net.compile_seconds
-
-
-def default_batch_size(device: torch.device) -> int:
-    """32 on GPU; 1 on CPU, where parallel streams (see ``encode_batches``) are faster than
-    batching: bigger activations leave the caches (LiteMedSAM: 1.90 CPU-s/img at batch 1,
-    2.43 at batch 8, one thread)."""
-    return 32 if device.type == "cuda" else 1
-
-
-def stream_plan(streams: int, device: torch.device) -> tuple[int, int]:
-    """(streams, torch threads per stream) for a process allowed the current torch
-    thread count: on CPU one stream per thread, each single-threaded; on GPU one stream."""
-    total = torch.get_num_threads()
-    n = streams or (total if device.type == "cpu" else 1)
-    return n, max(1, total // n)
 
 
 @contextlib.contextmanager
@@ -348,7 +219,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
             return _extract(cfg, progress)
 
 
-# --- issue 7: disk full, failure report ---------------------------------------------
+# --- disk full, failure report ---------------------------------------------------
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -384,6 +255,17 @@ def failures_report_path(url: str | os.PathLike) -> str:
     return str(store_io.local_path(url)).rstrip("/") + ".failures.csv"
 
 
+FAILURES_HEADER = "row,id,error"
+
+
+def _is_failures_report(fs, fpath: str) -> bool:
+    try:
+        with fs.open(fpath, "rb") as fh:
+            return fh.readline().decode("utf-8", "replace").strip() == FAILURES_HEADER
+    except (OSError, IsADirectoryError):
+        return False
+
+
 def write_failures_report(url: str | os.PathLike, store_rows: Sequence[int], failures: Sequence[dict[str, str]],
                           storage_options: dict[str, Any] | None = None) -> str | None:
     """Write the failed samples (row, id, error) as CSV beside the store and return its
@@ -395,9 +277,13 @@ def write_failures_report(url: str | os.PathLike, store_rows: Sequence[int], fai
 
     path = failures_report_path(url)
     fs, fpath = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    if fs.exists(fpath) and not _is_failures_report(fs, fpath):
+        # a file of the user's that happens to have our name: never replaced or deleted
+        print(f"note: {path}: exists and is not a failures report of this project; left as it is", file=sys.stderr)
+        return None
     if not failures:
         if fs.exists(fpath):
-            fs.rm(fpath)
+            fs.rm_file(fpath)  # our own stale report (header checked above)
         return None
     text = _io.StringIO()
     w = csv.writer(text)
@@ -418,7 +304,7 @@ def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
     precision = resolve_precision(cfg.precision, device)
     amp = amp_dtype_for(precision)
     workers = default_workers(device) if cfg.workers < 0 else cfg.workers
-    streams, stream_threads = stream_plan(cfg.streams or (1 if cfg.compile else 0), device)  # issue 6
+    streams, stream_threads = stream_plan(cfg.streams or (1 if cfg.compile else 0), device)
 
     writer = StoreWriter.open(
         cfg.out,
@@ -445,59 +331,17 @@ def _extract(cfg: ExtractConfig, progress: bool) -> ExtractResult:
         errors = {f["id"]: f["error"] for f in writer.group.attrs.get("failures", [])}
         compile_s = 0.0
         if todo:
-            loader = DataLoader(
-                _Prepared(dataset, encoder.prepare, encoder.img_size, cfg.skip_bad),
-                batch_sampler=shard_batches(shards, batch_size),
-                num_workers=workers,
-                collate_fn=_collate,
-                pin_memory=device.type == "cuda",
-                prefetch_factor=4 if workers else None,
-                persistent_workers=False,
-            )
-            with torch_threads(stream_threads):  # issue 6: CPU streams
+            loader = make_loader(prepared(encoder, dataset, cfg.skip_bad, device), shard_batches(shards, batch_size),
+                                 workers, device)
+            with torch_threads(stream_threads):  # CPU streams: one single-threaded stream per core
                 compile_s = warm_up(encoder, batch_size, device, amp)
-                errors.update(_run(encoder, loader, writer, shards, device, amp, todo, progress, dataset, streams))
+                errors.update(run_shards(encoder, loader, writer, shards, device, amp, todo, progress, dataset,
+                                         streams))
         failed_rows = np.flatnonzero(writer.group["failed"][:])
         failures = [{"id": dataset.samples[i].id, "error": errors.get(dataset.samples[i].id, "failed in an earlier run")}
                     for i in failed_rows]
         writer.commit({"failures": failures})
-        report = write_failures_report(cfg.out, failed_rows, failures, cfg.storage_options)  # issue 7
+        report = write_failures_report(cfg.out, failed_rows, failures, cfg.storage_options)
     seconds = time.perf_counter() - t0
     return ExtractResult(out=cfg.out, total=len(dataset), encoded=todo, failed=len(failures), seconds=seconds,
                          encoder=cfg.encoder, device=str(device), report=report, compile_seconds=compile_s)
-
-
-def _run(encoder, loader, writer, shards, device, amp, todo, progress, dataset, streams=1) -> dict[str, str]:
-    """Encode the pending shards; returns {sample id: error} of the samples skipped as bad."""
-    from .progress import progress_bar
-
-    bounds = {a: b for a, b in shards}
-    sink = _ShardWriter(writer)
-    sink.start()
-    failures: dict[str, str] = {}
-    buf: dict[str, Any] | None = None
-    try:
-        with progress_bar("extract", total=todo, enabled=progress, unit="img") as advance:
-            for idx, emb, h, w, hashes, errors in encode_batches(encoder, loader, device, amp, streams):
-                if buf is None:
-                    start = idx[0]
-                    size = bounds[start] - start
-                    buf = {"start": start, "emb": np.empty((size, *EMBED_SHAPE), np.float32), "h": [], "w": [],
-                           "hash": [], "failed": [], "filled": 0}
-                k = buf["filled"]
-                buf["emb"][k:k + len(idx)] = emb
-                buf["filled"] += len(idx)
-                for i, hh, ww, dg, err in zip(idx, h, w, hashes, errors):
-                    buf["h"].append(hh), buf["w"].append(ww), buf["hash"].append(dg), buf["failed"].append(bool(err))
-                    if err:
-                        buf["emb"][k] = 0
-                        failures[dataset.samples[i].id] = err
-                        print(f"skipped: {err}", file=sys.stderr)
-                    k += 1
-                if buf["filled"] == len(buf["emb"]):
-                    sink.put((buf["start"], buf["emb"], buf["h"], buf["w"], buf["hash"], buf["failed"]))
-                    buf = None
-                advance(len(idx))
-    finally:
-        sink.finish()
-    return failures

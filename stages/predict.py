@@ -20,6 +20,7 @@ from cache import SignatureMismatchError
 
 from .datasets.imageio import read_image
 from .evaluate import ENCODER_KEYS, load_classifier
+from .geometry import saved_geometry
 from .runtime import amp_dtype_for, resolve_device, resolve_precision
 from .train.data import prepare_image
 from .train.metrics import safe_name
@@ -27,15 +28,17 @@ from .train.metrics import safe_name
 FORMATS = ("table", "csv", "json")
 
 
-def load_encoder(saved: dict[str, Any], device: torch.device, checkpoint: str | None = None):
-    """The encoder the model's training store was extracted with, verified by signature."""
+def load_encoder(saved: dict[str, Any], device: torch.device, checkpoint: str | None = None, fast: bool = False):
+    """The encoder the model's training store was extracted with, verified by signature.
+    ``fast``: the fused kernels (equal within float16 rounding; segmentation predict uses
+    the store's choice so its embeddings round to the stored ones)."""
     from .encoders import build_encoder
 
     st = saved["store"]
     path = checkpoint or st.get("checkpoint_path")
     if checkpoint is None and path and not Path(path).is_file():
         path = None  # e.g. a store made on another machine; the builder's default may still match
-    enc = build_encoder(st["encoder"], path, device=device)
+    enc = build_encoder(st["encoder"], path, device=device, fast=fast)
     have, want = enc.signature(), st["signature"]
     diff = [k for k in ENCODER_KEYS if have.get(k) != want.get(k)]
     if diff:
@@ -56,11 +59,11 @@ def predict_files(model_path: str | Path, paths: Sequence[str | Path], device: s
         raise ValueError("no image files given; pass one or more PNG/JPEG/TIFF/BMP/.npy paths")
     enc = load_encoder(saved, dev, checkpoint) if net.uses_sam else None
     amp = amp_dtype_for(resolve_precision(precision, dev))
-    size = int(saved["img_size"])
+    size, geometry = int(saved["img_size"]), saved_geometry(saved)
     probs = []
     for a in range(0, len(paths), batch_size):
         raw = [read_image(p) for p in paths[a:a + batch_size]]
-        image = torch.stack([prepare_image(r, size) for r in raw]).to(dev) if net.uses_image else None
+        image = torch.stack([prepare_image(r, size, geometry) for r in raw]).to(dev) if net.uses_image else None
         sam = enc.forward(torch.stack([enc.prepare(r) for r in raw]).to(dev), amp_dtype=amp) if enc else None
         logits = net(image, sam).float()
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())

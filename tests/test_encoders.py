@@ -75,8 +75,9 @@ def random_image(rng, shape, dtype):
 # -- registry ---------------------------------------------------------------------------
 
 def test_registry_names():
-    assert list(ENCODERS) == ["litemedsam", "vit_b", "vit_l", "vit_h", "sam"]
-    with pytest.raises(EncoderError, match="unknown encoder 'vit_x'.*litemedsam, vit_b, vit_l, vit_h, sam"):
+    assert list(ENCODERS) == ["litemedsam", "vit_b", "vit_l", "vit_h", "sam",
+                              "sam2_hiera_t", "sam2_hiera_s", "sam2_hiera_b+", "sam2_hiera_l"]
+    with pytest.raises(EncoderError, match="unknown encoder 'vit_x'.*litemedsam, vit_b, vit_l, vit_h, sam, sam2_hiera_t"):
         build_encoder("vit_x")
 
 

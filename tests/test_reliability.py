@@ -1,4 +1,4 @@
-"""Reliability (issue 7), through `pipeline extract` and the real store: bad images, bad
+"""Reliability, through `pipeline extract` and the real store: bad images, bad
 manifests, SIGKILL at random points, a second writer, readers during a write, a full
 disk, changed images, and CUDA out-of-memory retries.
 

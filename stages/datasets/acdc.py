@@ -84,6 +84,20 @@ class AcdcDataset(Dataset):
             self._open = None
 
     def _read(self, i: int, key: str) -> tuple[np.ndarray, tuple[int, ...], str]:
+        path = self.entries[i][0]
+        try:
+            return self._read_unchecked(i, key)
+        except DatasetError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:  # what h5py raises on a damaged file
+            try:
+                self.close()
+            except Exception:  # closing a damaged file may fail too; it is dropped either way
+                self._open = None
+            raise BadImageError(f"{path}: cannot read {key!r} ({type(e).__name__}: {e}); the file is corrupt, "
+                                "re-create it") from None
+
+    def _read_unchecked(self, i: int, key: str) -> tuple[np.ndarray, tuple[int, ...], str]:
         path, k = self.entries[i]
         with self._lock:
             f = self._file(path)

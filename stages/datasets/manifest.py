@@ -83,6 +83,14 @@ def _resolve(cell: str, base: Path, base_real: Path, allow_outside: bool) -> tup
     return full, rel
 
 
+def _refuse_nul(csv_path: Path, rows) -> None:
+    """A path holding a NUL byte cannot even be looked up by the OS: name it, with its line."""
+    for line, r in rows:
+        for col in ("path", "mask"):
+            if "\x00" in (r.get(col) or ""):
+                raise DatasetError(f"{csv_path}: {col} {r[col]!r} on line {line} holds a NUL byte; fix the manifest")
+
+
 def open_csv(
     root: str | Path,
     classes: list[str] | None = None,
@@ -112,7 +120,8 @@ def open_csv(
     if mask_classes is not None and len(mask_classes) < 2:
         raise DatasetError(f"{csv_path}: mask_classes needs background plus at least one class, got {mask_classes}")
 
-    escaped: list[int] = []
+    _refuse_nul(csv_path, rows)
+    escaped: list[tuple[int, str]] = []
     missing: list[tuple[int, Path]] = []
     bad_split: list[tuple[int, str]] = []
     no_path: list[int] = []
@@ -125,7 +134,7 @@ def open_csv(
             continue
         got = _resolve(cell, base, base_real, allow_outside_root)
         if got is None:
-            escaped.append(line)
+            escaped.append((line, cell))
             continue
         image, rel = got
         if not image.is_file():
@@ -137,7 +146,7 @@ def open_csv(
             if not mcell:
                 no_mask.append(line)
             elif mgot is None:
-                escaped.append(line)
+                escaped.append((line, mcell))
             else:
                 masks = (mgot[0],)
                 if not mgot[0].is_file():
@@ -151,7 +160,9 @@ def open_csv(
     if no_path:
         raise DatasetError(f"{csv_path}: empty path on line(s) {_rows_text(no_path)}; every row needs an image path")
     if escaped:
-        raise DatasetError(f"{csv_path}: path(s) on line(s) {_rows_text(escaped)} lead outside {base_real}; "
+        line, cell = escaped[0]
+        raise DatasetError(f"{csv_path}: path(s) lead outside {base_real}: {cell!r} on line {line} "
+                           f"({len(escaped)} such path(s), line(s) {_rows_text([e[0] for e in escaped])}); "
                            "keep files inside the manifest's folder (or pass allow_outside_root=True)")
     if bad_split:
         line, value = bad_split[0]

@@ -22,12 +22,13 @@ import re
 import struct
 import threading
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .base import Dataset, DatasetError, Sample
+from .base import BadImageError, Dataset, DatasetError, Sample
 from .imageio import MAX_PIXELS, MIN_SIDE, check_array
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -44,6 +45,13 @@ KNOWN_CLASSES: dict[str, list[str]] = {
                    "melanocytic nevi", "vascular lesions"],
     "retinamnist": ["0", "1", "2", "3", "4"],
 }
+
+
+# what a damaged archive raises from zipfile / zlib / numpy's .npy reader
+# (RuntimeError: a flipped bit can mark a member encrypted; NotImplementedError: an unknown
+# compression method)
+_CORRUPT = (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, struct.error, zlib.error, RuntimeError,
+            NotImplementedError)
 
 
 def _header(zf: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
@@ -81,7 +89,13 @@ class MedMnistDataset(Dataset):
     def _images(self, split: str) -> np.ndarray:
         with self._lock:
             if split not in self._arrays:
-                self._arrays[split] = self._load_images(split)
+                try:
+                    self._arrays[split] = self._load_images(split)
+                except DatasetError:
+                    raise
+                except _CORRUPT as e:
+                    raise BadImageError(f"{self.npz}: cannot read {split}_images ({type(e).__name__}: {e}); "
+                                        "the file is damaged, re-download it") from None
             return self._arrays[split]
 
     def _load_images(self, split: str) -> np.ndarray:
@@ -126,11 +140,15 @@ def _find_npz(root: Path) -> Path:
 
 def _labels(npz: Path, split: str, n: int) -> np.ndarray:
     key = f"{split}_labels"
-    with np.load(npz, allow_pickle=False) as z:
-        try:
+    try:
+        with np.load(npz, allow_pickle=False) as z:
             y = z[key]
-        except ValueError as e:
-            raise DatasetError(f"{npz}: cannot read {key} ({e}); store labels as a numeric array") from None
+    except ValueError as e:
+        raise DatasetError(f"{npz}: cannot read {key} ({e}); store labels as a numeric array, or re-download "
+                           "a damaged file") from None
+    except _CORRUPT as e:
+        raise DatasetError(f"{npz}: cannot read {key} ({type(e).__name__}: {e}); the file is damaged, "
+                           "re-download it") from None
     where = f"{npz}: {key}"
     if y.ndim == 2 and y.shape[1] > 1:
         raise DatasetError(f"{where} has shape {y.shape} (multi-label, like ChestMNIST); only single-label "
@@ -157,7 +175,7 @@ def open_medmnist(root: str | Path, max_pixels: int = MAX_PIXELS) -> MedMnistDat
         with zipfile.ZipFile(npz) as zf:
             members = {n.removesuffix(".npy") for n in zf.namelist()}
             headers = {s: _header(zf, f"{s}_images.npy") for s in SPLIT_ORDER if f"{s}_images" in members}
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except _CORRUPT as e:
         raise DatasetError(f"{npz}: not a readable .npz archive ({e}); pass an official MedMNIST .npz") from None
     for s in SPLIT_ORDER:
         if (f"{s}_images" in members) != (f"{s}_labels" in members):

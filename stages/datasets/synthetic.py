@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -220,6 +221,17 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_OUR_NAME = re.compile(r"(%s)_\d{4,}\.png" % "|".join(CLASSES))
+
+
+def _is_ours(meta_path: Path) -> bool:
+    """synthetic.json written by make_synthetic (its ``generator`` field), not a look-alike."""
+    try:
+        return json.loads(meta_path.read_text()).get("generator") == "stages.datasets.synthetic"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def make_synthetic(
     out: str | Path,
     n_per_class: int,
@@ -238,12 +250,15 @@ def make_synthetic(
     if len(splits) != 3 or min(splits) < 0 or abs(sum(splits) - 1) > 1e-6:
         raise DatasetError(f"{out}: splits {tuple(splits)} must be three fractions >= 0 summing to 1")
     meta_path = out / "synthetic.json"
-    if out.exists() and any(out.iterdir()) and not meta_path.is_file():
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: is a file, not a folder; nothing was changed, pick an empty or new folder")
+    if out.exists() and any(out.iterdir()) and not _is_ours(meta_path):
         raise DatasetError(f"{out}: folder exists and is not a synthetic dataset; pick an empty or new folder")
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
         for old in (out / sub).glob("*.png"):
-            old.unlink()
+            if _OUR_NAME.fullmatch(old.name):  # only the phantoms an earlier run wrote
+                old.unlink()
 
     rows = []
     for ci, cls in enumerate(CLASSES):

@@ -7,6 +7,10 @@
   official checkpoints (``checkpoints.OFFICIAL`` lists their URLs and sha256).
 - ``sam``: any SAM-shaped ViT, architecture read from the checkpoint (MedSAM's
   medsam_vit_b.pth, tiny test checkpoints).
+- ``sam2_hiera_t`` / ``sam2_hiera_s`` / ``sam2_hiera_b+`` / ``sam2_hiera_l``: SAM 2 / 2.1
+  Hiera image encoders, 1024x1024 input (stretched, not padded), built by the optional
+  ``sam2`` package (extra ``.[sam2]``, imported only when one of them is built) from its
+  own configs; ``SAM2ImagePredictor``'s ``image_embed``.
 
 All give (B,256,64,64) float32 embeddings.
 """
@@ -20,6 +24,7 @@ import torch
 from .base import EMBED_SHAPE, Encoder, EncoderError
 from .litemedsam import build_litemedsam
 from .sam import build_sam, build_vit_b, build_vit_h, build_vit_l
+from .sam2 import sam2_builders
 
 DEFAULT_ENCODER = "litemedsam"
 
@@ -29,6 +34,7 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
     "vit_l": build_vit_l,
     "vit_h": build_vit_h,
     "sam": build_sam,
+    **sam2_builders(),
 }
 
 

@@ -72,22 +72,39 @@ class Encoder:
         workers started with spawn."""
         return self.prepare
 
+    def prepare_host(self) -> Callable[[np.ndarray], torch.Tensor] | None:
+        """The host half of ``prepare`` when the encoder can finish preprocessing on its
+        device (``finish``), returning a smaller tensor to move (SAM: the uint8 canvas);
+        None: ``prepare`` runs whole on the host. Used on GPUs, where the host path is the
+        limit; both halves together give ``prepare``'s exact values."""
+        return None
+
+    def finish(self, batch: torch.Tensor, heights, widths) -> torch.Tensor:
+        """A batch of ``prepare_host`` outputs (of images ``heights`` x ``widths``), on the
+        device -> what ``prepare`` would have given; a ``prepare`` batch passes unchanged."""
+        return batch
+
     def to(self, device: torch.device | str) -> "Encoder":
         self.net.to(device)
         return self
 
     @torch.inference_mode()
-    def forward(self, batch: torch.Tensor, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """batch (B,3,S,S) float32 on the net's device -> (B,256,64,64) float32.
-        ``amp_dtype`` (e.g. torch.bfloat16) runs the net under autocast; None keeps the
-        reference float32 numerics."""
+    def forward(self, batch: torch.Tensor, amp_dtype: torch.dtype | None = None,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """batch (B,3,S,S) float32 on the net's device -> (B,256,64,64) ``out_dtype``
+        (contiguous, on the same device). ``amp_dtype`` (e.g. torch.bfloat16) runs the net
+        under autocast; None keeps the reference float32 numerics. ``out_dtype`` float16
+        casts on the device (extraction on a GPU: half the bytes to copy back); the cast
+        runs after the denormal flush is lifted, so it rounds exactly as numpy's would."""
         if self.fast:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with flush_denormals(batch.device.type == "cpu"):
             if amp_dtype is None:
-                return self.net(batch).float().contiguous()
-            with torch.autocast(device_type=batch.device.type, dtype=amp_dtype):
-                return self.net(batch).float().contiguous()
+                out = self.net(batch)
+            else:
+                with torch.autocast(device_type=batch.device.type, dtype=amp_dtype):
+                    out = self.net(batch)
+        return out.to(out_dtype).contiguous()
 
     def signature(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,8 @@ import torch
 from .base import EncoderError
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-#: name -> (download url, sha256, file name) of the official SAM checkpoints
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+#: name -> (download url, sha256, file name) of the official SAM and SAM 2.1 checkpoints
 OFFICIAL: dict[str, tuple[str, str, str]] = {
     "vit_b": (
         _SAM_URL + "sam_vit_b_01ec64.pth",
@@ -32,6 +33,28 @@ OFFICIAL: dict[str, tuple[str, str, str]] = {
         _SAM_URL + "sam_vit_h_4b8939.pth",
         "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
         "sam_vit_h_4b8939.pth",
+    ),
+    # SAM 2.1 (Sept 2024) Hiera checkpoints; the hashes are those many projects pin for
+    # these URLs (Meta publishes none)
+    "sam2_hiera_t": (
+        _SAM2_URL + "sam2.1_hiera_tiny.pt",
+        "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
+        "sam2.1_hiera_tiny.pt",
+    ),
+    "sam2_hiera_s": (
+        _SAM2_URL + "sam2.1_hiera_small.pt",
+        "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
+        "sam2.1_hiera_small.pt",
+    ),
+    "sam2_hiera_b+": (
+        _SAM2_URL + "sam2.1_hiera_base_plus.pt",
+        "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5",
+        "sam2.1_hiera_base_plus.pt",
+    ),
+    "sam2_hiera_l": (
+        _SAM2_URL + "sam2.1_hiera_large.pt",
+        "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
+        "sam2.1_hiera_large.pt",
     ),
 }
 

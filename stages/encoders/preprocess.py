@@ -6,6 +6,8 @@ Channels, for every encoder: (H,W) and (H,W,1) are grayscale and repeated to RGB
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
@@ -72,7 +74,7 @@ def to_uint8_minmax(image: np.ndarray) -> np.ndarray:
     return np.rint((x - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
 
 
-def _resizable(image: np.ndarray) -> np.ndarray:
+def resizable(image: np.ndarray) -> np.ndarray:
     """Dtypes cv2's INTER_AREA resize lacks become the nearest one it has: bool -> uint8,
     int8 -> int16, float16 -> float32, 32/64-bit integers -> float64."""
     kind, size = image.dtype.kind, image.dtype.itemsize
@@ -91,7 +93,7 @@ def prepare_litemedsam(image: np.ndarray, size: int = 256) -> torch.Tensor:
     """(H,W[,C]) any dtype -> (3,size,size) float32, as LiteMedSAM's reference inference
     (CVPR24_LiteMedSAM_infer.py): RGB, INTER_AREA resize of the long side to ``size``,
     min-max to [0,1] over the resized image, zero padding at the bottom/right."""
-    img = _resizable(gray_or_rgb(image))
+    img = resizable(gray_or_rgb(image))
     newh, neww = longest_side_shape(img.shape[0], img.shape[1], size)
     # the reference repeats gray to RGB first; resizing one channel is the same, given
     # cv2's channel-dependent kernel choice (cv_channels)
@@ -110,13 +112,59 @@ _MEAN = np.array(SAM_PIXEL_MEAN, np.float32)
 _STD = np.array(SAM_PIXEL_STD, np.float32)
 
 
+# (x - mean) / std of every uint8 value, per channel, in float32 exactly as Sam.preprocess
+# computes it: a lookup gives the same bits at a quarter of the cost of the arithmetic
+_SAM_LUT = (np.arange(256, dtype=np.float32)[None, :] - _MEAN[:, None]) / _STD[:, None]  # (3,256)
+
+
+def resize_sam_u8(image: np.ndarray, size: int = 1024) -> np.ndarray:
+    """(H,W[,C]) any dtype -> the uint8 (h,w) or (h,w,3) image ``SamPredictor.set_image``
+    feeds its normaliser: min-max to 0..255 unless uint8, ``ResizeLongestSide(size)``.
+    Grayscale, and RGB whose three channels are equal (gray stored as RGB, common for
+    X-rays), is resized as one channel: PIL resizes channels independently, so this is the
+    RGB result's every channel, bit for bit, at a third of the cost."""
+    a = to_uint8_minmax(gray_or_rgb(image))
+    if a.ndim == 3 and (a[:, :, 0] == a[:, :, 1]).all() and (a[:, :, 0] == a[:, :, 2]).all():
+        a = a[:, :, 0]
+    return ResizeLongestSide(size).apply_image(a)
+
+
 def prepare_sam(image: np.ndarray, size: int = 1024) -> torch.Tensor:
     """(H,W[,C]) any dtype -> (3,size,size) float32, exactly as ``SamPredictor.set_image``:
     uint8 RGB (other dtypes: min-max to 0..255 and rounded), ``ResizeLongestSide(size)``
     (PIL bilinear), ``(x - pixel_mean) / pixel_std``, zero padding at the bottom/right."""
-    rgb = to_uint8_minmax(to_rgb(image))
-    r = ResizeLongestSide(size).apply_image(rgb)
-    x = (r.astype(np.float32) - _MEAN) / _STD  # float32 ops, as Sam.preprocess does them
+    r = resize_sam_u8(image, size)
     out = np.zeros((3, size, size), np.float32)
-    out[:, : x.shape[0], : x.shape[1]] = x.transpose(2, 0, 1)
+    for c in range(3):
+        np.take(_SAM_LUT[c], r if r.ndim == 2 else r[:, :, c], out=out[c, : r.shape[0], : r.shape[1]])
     return torch.from_numpy(out)
+
+
+def prepare_sam_u8(image: np.ndarray, size: int = 1024) -> torch.Tensor:
+    """The host half of ``prepare_sam`` for a GPU: the resized uint8 image on a zero
+    (3,size,size) uint8 canvas (a quarter of the float32 bytes to move and pin);
+    ``finish_sam`` normalises it on the device to exactly ``prepare_sam``'s values."""
+    r = resize_sam_u8(image, size)
+    out = np.zeros((3, size, size), np.uint8)
+    out[:, : r.shape[0], : r.shape[1]] = r if r.ndim == 2 else r.transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _sam_lut(device: str) -> torch.Tensor:
+    # once per device: a copy from pageable memory per batch would wait for the GPU's queue
+    return torch.from_numpy(_SAM_LUT).to(device)
+
+
+def finish_sam(batch: torch.Tensor, heights, widths, size: int = 1024) -> torch.Tensor:
+    """(B,3,size,size) uint8 canvases of ``prepare_sam_u8`` (images of the original
+    ``heights`` x ``widths``), on any device -> ``prepare_sam``'s float32 batch there:
+    the same float32 lookup table, and zeros outside each resized image."""
+    lut = _sam_lut(str(batch.device))
+    x = torch.stack([lut[c][batch[:, c].long()] for c in range(3)], dim=1)
+    rows = torch.arange(size, device=batch.device)
+    for k, (h, w) in enumerate(zip(heights, widths)):
+        nh, nw = ResizeLongestSide.get_preprocess_shape(int(h), int(w), size) if h and w else (0, 0)
+        inside = (rows[:, None] < nh) & (rows[None, :] < nw)
+        x[k] = torch.where(inside, x[k], 0.0)  # +0.0 outside, as np.zeros (a product could give -0.0)
+    return x

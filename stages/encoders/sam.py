@@ -24,7 +24,7 @@ from segment_anything.modeling import ImageEncoderViT
 
 from .base import EMBED_SHAPE, Encoder, EncoderError
 from .checkpoints import OFFICIAL, file_sha256, load_state_dict, sub_state
-from .preprocess import SAM_PREPROCESSING, prepare_sam
+from .preprocess import SAM_PREPROCESSING, finish_sam, prepare_sam, prepare_sam_u8
 
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
 
@@ -116,6 +116,12 @@ class SamEncoder(Encoder):
 
     def preprocessor(self) -> Callable[[np.ndarray], torch.Tensor]:
         return partial(prepare_sam, size=self.img_size)
+
+    def prepare_host(self) -> Callable[[np.ndarray], torch.Tensor] | None:
+        return partial(prepare_sam_u8, size=self.img_size)
+
+    def finish(self, batch: torch.Tensor, heights, widths) -> torch.Tensor:
+        return finish_sam(batch, heights, widths, self.img_size) if batch.dtype == torch.uint8 else batch
 
 
 def _missing(name: str, path: Path | None) -> EncoderError:

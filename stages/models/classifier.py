@@ -62,24 +62,122 @@ def resolve_stages(feature_info: list[dict], stages: str | Sequence[int | str]) 
 
 
 def create_backbone(name: str, num_classes: int, img_size: int, drop_rate: float = 0.0,
-                    **kwargs) -> nn.Module:
-    """A randomly initialised timm classifier (no download). ``img_size`` goes to models
-    that need it (Swin V2, ViTs); CNNs take any size."""
+                    pretrained: bool | str | Path = False, **kwargs) -> nn.Module:
+    """A timm classifier. ``img_size`` goes to models that need it (Swin V2, ViTs); CNNs take
+    any size.
+
+    ``pretrained``: False, random init (nothing is downloaded); True, timm's own pretrained
+    weights (ImageNet for resnet18 ...), through its Hugging Face hub download, which reads
+    the Hugging Face cache first (``HF_HOME`` / ``HF_HUB_CACHE``) and honours
+    ``HF_HUB_OFFLINE``; a path, a local timm checkpoint loaded by the same timm loader
+    (``pretrained_cfg_overlay=dict(file=path)``), so a file and a download are adapted alike
+    (the classifier is re-initialised for another class count). Raises ValueError (one line)
+    when the weights are unavailable or do not fit."""
+    _check_name(name)
+    base = dict(pretrained=bool(pretrained), num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+    if isinstance(pretrained, (str, Path)):
+        _check_file(name, img_size, base, Path(pretrained))
+        base["pretrained_cfg_overlay"] = dict(file=str(pretrained))
+    elif pretrained:
+        check_hub_weights(name)
+    if not pretrained:
+        return _build(name, img_size, base)
+    try:
+        net = _build(name, img_size, base)
+    except OSError as e:  # huggingface_hub's LocalEntryNotFoundError, urllib's URLError, ...
+        if isinstance(pretrained, (str, Path)):
+            raise ValueError(f"{pretrained}: cannot read backbone weights ({_first_line(e)}); "
+                             "pass a timm checkpoint (.pth/.pt/.bin/.safetensors)") from None
+        raise ValueError(_unavailable(name, _first_line(e))) from None
+    except RuntimeError as e:  # load_state_dict: shapes differ; or timm has no weights for it
+        where = pretrained if isinstance(pretrained, (str, Path)) else f"backbone {name}"
+        raise ValueError(f"{where}: timm could not load the pretrained weights ({_first_line(e)}); "
+                         "pass a checkpoint of this architecture with --backbone-weights PATH") from None
+    return net
+
+
+def _check_name(name: str) -> None:
     if name not in timm.list_models():
         raise ValueError(f"unknown timm backbone {name!r}; e.g. resnet18, resnet50, resnet152, "
                          "seresnext50_32x4d, legacy_senet154, swinv2_tiny_window8_256")
-    base = dict(pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **kwargs)
+
+
+def _build(name: str, img_size: int, kwargs: dict) -> nn.Module:
     try:
-        return timm.create_model(name, img_size=img_size, **base)
+        return timm.create_model(name, img_size=img_size, **kwargs)
     except TypeError:  # CNN constructors have no img_size
-        return timm.create_model(name, **base)
+        return timm.create_model(name, **kwargs)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _unavailable(name: str, why: str) -> str:
+    from huggingface_hub import constants
+
+    return (f"backbone {name}: timm's pretrained weights are not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and cannot be downloaded ({why}); run once online to cache them, "
+            "or pass --backbone-weights PATH (a local timm checkpoint)")
+
+
+def check_hub_weights(name: str) -> None:
+    """Refuse, before anything is built or written, a backbone timm has no weights for, and
+    (with HF_HUB_OFFLINE set) one whose weights are not cached: in the Hugging Face cache for
+    hub weights, in torch's hub cache for the few that timm fetches from a plain URL (e.g.
+    legacy_senet154), which timm would otherwise try to download regardless."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    _check_name(name)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise ValueError(f"backbone {name}: timm has no pretrained weights for it; drop --pretrained or pass "
+                         "--backbone-weights PATH")
+    if not constants.HF_HUB_OFFLINE:
+        return
+    if cfg.hf_hub_id:
+        repo, _, rev = cfg.hf_hub_id.partition("@")
+        if not any(isinstance(try_to_load_from_cache(repo, f, revision=rev or None), str)
+                   for f in ("model.safetensors", "pytorch_model.bin")):
+            raise ValueError(_unavailable(name, f"HF_HUB_OFFLINE is set and {repo} is not cached"))
+    elif not (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name).is_file():
+        raise ValueError(_unavailable(name, f"HF_HUB_OFFLINE is set and {Path(cfg.url).name} is not in "
+                                            f"{torch.hub.get_dir()}"))
+
+
+def _check_file(name: str, img_size: int, kwargs: dict, path: Path) -> None:
+    """Check a local checkpoint against the architecture before timm loads it: timm loads
+    non-strictly when it re-initialises the classifier, so a checkpoint of another
+    architecture would load nothing (after a screenful of unexpected keys); refuse it in one
+    line instead. The reference model is built on the meta device (no memory, no init)."""
+    from timm.models import load_state_dict
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone weights not found; pass a local timm checkpoint file")
+    try:
+        state = load_state_dict(str(path))
+    except Exception as e:  # pickle, zip, safetensors header errors alike: an unreadable file
+        raise ValueError(f"{path}: cannot read backbone weights ({_first_line(e)}); pass a timm checkpoint "
+                         "(.pth/.pt/.bin/.safetensors)") from None
+    with torch.device("meta"):
+        ref = _build(name, img_size, {**kwargs, "pretrained": False})
+    own = ref.state_dict()
+    head = str(ref.pretrained_cfg.get("classifier", "")) + "."
+    fits = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    other = [k for k, v in state.items() if k in own and own[k].shape != v.shape and not k.startswith(head)]
+    if other or len(fits) < 0.5 * len(own):
+        why = f"{other[0]} has shape {tuple(state[other[0]].shape)}, not {tuple(own[other[0]].shape)}" if other \
+            else f"only {len(fits)} of {len(own)} tensors fit"
+        raise ValueError(f"{path}: not a checkpoint of backbone {name} ({why}); pass one of this architecture, "
+                         "or the matching --backbone")
 
 
 class SLCAClassifier(nn.Module):
     """timm backbone + SLCA. ``forward(image (B,3,S,S), sam (B,256,64,64)) -> (B,K)``.
 
     Args:
-        backbone: timm model name (random init; see ``load_backbone`` for weights).
+        backbone: timm model name.
         num_classes: K.
         img_size: S, the side of the (square) image input.
         slca: False builds the plain backbone (``sam`` is then ignored).
@@ -89,15 +187,21 @@ class SLCAClassifier(nn.Module):
             so the classifier reads the SAM descriptor directly, as the probe does (a gate
             can only re-weight what a backbone trained on few labels has learnt).
         drop_rate: dropout before the classifier.
+        pretrained: the backbone's initial weights (``create_backbone``): False (random), True
+            (timm's, from the hub or its cache) or a local checkpoint path. Training only: a
+            saved model.pt is rebuilt without it and loads its own weights, so nothing is
+            downloaded to evaluate or predict.
         backbone_kwargs: extra timm constructor arguments (e.g. a narrower ``embed_dim``).
     """
 
     def __init__(self, backbone: str = "resnet18", num_classes: int = 2, img_size: int = 64,
                  slca: bool = True, stages: str | Sequence[int | str] = "all", window: int = 8,
                  hidden: int = 64, act: str = "gelu", gate: str = "residual", fuse: bool = False,
-                 drop_rate: float = 0.0, backbone_kwargs: dict | None = None):
+                 drop_rate: float = 0.0, backbone_kwargs: dict | None = None,
+                 pretrained: bool | str | Path = False):
         super().__init__()
-        self.net = create_backbone(backbone, num_classes, img_size, drop_rate, **(backbone_kwargs or {}))
+        self.net = create_backbone(backbone, num_classes, img_size, drop_rate, pretrained,
+                                   **(backbone_kwargs or {}))
         self.uses_image, self.uses_sam = True, slca
         self.channels_last = getattr(self.net, "output_fmt", "NCHW") == "NHWC"
         info = list(getattr(self.net, "feature_info", []) or [])
@@ -147,8 +251,9 @@ class SLCAClassifier(nn.Module):
 
     def load_backbone(self, path: str | Path) -> tuple[int, int]:
         """Load a local timm checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``) into the
-        backbone; the classifier layer is skipped when its shape differs (other K).
-        Returns (loaded, skipped) tensor counts."""
+        backbone already built (notebooks); the classifier layer is skipped when its shape
+        differs (other K). Returns (loaded, skipped) tensor counts. Training instead builds
+        with ``pretrained=PATH``, timm's own loader."""
         return load_weights(self.net, path)
 
 

@@ -42,6 +42,7 @@ class SegmentConfig:
     sam_checkpoint: str | None = None
     in_memory: bool = False
     resume: bool = False
+    overwrite: bool = False
     num_workers: int = 0
     steps_per_epoch: int = 0
     patience: int = 10

@@ -16,6 +16,11 @@ is ``(h', w') = longest_side_shape(H, W, img_size)``.
 
 The UNet baseline reads raw images prepared like LiteMedSAM's input (canvas 256), so its
 logits go through the same two functions with ``img_size = 256``.
+
+A SAM 2 store (``geometry == STRETCH``, see ``stages.geometry``) stretched the whole image
+to the square: the valid region is the whole canvas, labels fill it (no ``IGNORE``), and
+logits go straight to (H,W) (bilinear, as ``SAM2Transforms.postprocess_masks``). The UNet
+then gets its images stretched to 256x256 too, so both see the same field of view.
 """
 from __future__ import annotations
 
@@ -29,16 +34,19 @@ import torch.nn.functional as F
 
 from cache import FeatureStore, SignatureMismatchError, StoreError
 from stages.datasets import DatasetError, open_dataset
-from stages.encoders.preprocess import prepare_litemedsam
-from stages.encoders.resize import longest_side_shape
+from stages.encoders.preprocess import resizable, gray_or_rgb, prepare_litemedsam
+from stages.encoders.resize import longest_side_shape, resize_area
+from stages.geometry import PAD, STRETCH, check_geometry, input_geometry
 
 CANVAS = 256
 IGNORE = 255
 UNET_IMG_SIZE = 256  # the UNet's images are prepared on a 256 canvas, whatever the store's encoder
 
 
-def canvas_shape(h: int, w: int, img_size: int) -> tuple[int, int]:
-    """Valid (rows, cols) of an (h,w) image on the 256 logit canvas."""
+def canvas_shape(h: int, w: int, img_size: int, geometry: str = PAD) -> tuple[int, int]:
+    """Valid (rows, cols) of an (h,w) image on the 256 logit canvas (all of it when stretched)."""
+    if check_geometry(geometry) == STRETCH:
+        return CANVAS, CANVAS
     nh, nw = longest_side_shape(h, w, img_size)
     return max(1, round(nh * CANVAS / img_size)), max(1, round(nw * CANVAS / img_size))
 
@@ -51,17 +59,23 @@ def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
-def label_to_canvas(mask: np.ndarray, img_size: int) -> np.ndarray:
+def label_to_canvas(mask: np.ndarray, img_size: int, geometry: str = PAD) -> np.ndarray:
     """(H,W) integer labels -> (256,256) uint8 training target, padding = IGNORE."""
     out = np.full((CANVAS, CANVAS), IGNORE, np.uint8)
-    ch, cw = canvas_shape(mask.shape[0], mask.shape[1], img_size)
+    ch, cw = canvas_shape(mask.shape[0], mask.shape[1], img_size, geometry)
     out[:ch, :cw] = resize_nearest(mask, (ch, cw))
     return out
 
 
-def logits_to_raw(logits: torch.Tensor, size: tuple[int, int], img_size: int) -> torch.Tensor:
+def logits_to_raw(logits: torch.Tensor, size: tuple[int, int], img_size: int, geometry: str = PAD
+                  ) -> torch.Tensor:
     """(B,C,256,256) canvas logits -> (B,C,H,W) logits in the image geometry (SAM's
-    ``postprocess_masks``: upsample to img_size, crop the valid region, resize to H,W)."""
+    ``postprocess_masks``: upsample to img_size, crop the valid region, resize to H,W;
+    stretched: SAM 2's, one bilinear resize of the whole canvas to H,W)."""
+    if check_geometry(geometry) == STRETCH:
+        if logits.shape[-2:] == tuple(size):
+            return logits
+        return F.interpolate(logits, tuple(size), mode="bilinear", align_corners=False)
     if logits.shape[-1] != img_size:
         logits = F.interpolate(logits, (img_size, img_size), mode="bilinear", align_corners=False)
     nh, nw = longest_side_shape(size[0], size[1], img_size)
@@ -69,6 +83,21 @@ def logits_to_raw(logits: torch.Tensor, size: tuple[int, int], img_size: int) ->
     if (nh, nw) != tuple(size):
         logits = F.interpolate(logits, tuple(size), mode="bilinear", align_corners=False)
     return logits
+
+
+def unet_image(image: np.ndarray, geometry: str = PAD) -> torch.Tensor:
+    """(H,W[,C]) raw pixels -> the UNet's (3,256,256) input: LiteMedSAM's preparation
+    (padded), or for a stretched store the same INTER_AREA resize and min-max to [0,1]
+    of the whole image stretched to 256x256."""
+    if check_geometry(geometry) == PAD:
+        return prepare_litemedsam(image, UNET_IMG_SIZE)
+    img = resizable(gray_or_rgb(image))
+    r = resize_area(img, (UNET_IMG_SIZE, UNET_IMG_SIZE), cv_channels=3)
+    r = (r[:, :, None] if r.ndim == 2 else r).astype(np.float64)
+    norm = (r - r.min()) / max(float(r.max() - r.min()), 1e-8)
+    out = np.empty((3, UNET_IMG_SIZE, UNET_IMG_SIZE), np.float32)
+    out[:] = norm.transpose(2, 0, 1)  # broadcasts a gray channel to three
+    return torch.from_numpy(out)
 
 
 def patient_of(group: str) -> str:
@@ -116,6 +145,7 @@ class SegmentData:
             print(f"note: {data_root} is listed differently from when {store} was extracted; "
                   "samples are matched by id and checked by content hash", file=sys.stderr)
         self.img_size = int(self.store.attrs["img_size"])
+        self.geometry = input_geometry(self.store.attrs.get("preprocessing"))
         self.mask_classes = list(ds.mask_classes)
         self.num_classes = len(ds.mask_classes)
         usable = self.store.done & ~self.store.failed
@@ -180,15 +210,17 @@ class SegmentData:
         return m.astype(np.int64)
 
     def unet_images(self, indices: Sequence[int]) -> torch.Tensor:
-        """(B,3,256,256) images prepared like LiteMedSAM's input (the UNet's input)."""
-        return torch.stack([prepare_litemedsam(self.image(i), UNET_IMG_SIZE) for i in indices])
+        """(B,3,256,256) images prepared like LiteMedSAM's input (the UNet's input), in
+        the store's geometry."""
+        return torch.stack([unet_image(self.image(i), self.geometry) for i in indices])
 
     def inputs(self, indices: Sequence[int], kind: str) -> torch.Tensor:
         return self.features(indices) if kind == "features" else self.unet_images(indices)
 
     def targets(self, indices: Sequence[int], img_size: int) -> torch.Tensor:
-        """(B,256,256) int64 canvas targets (IGNORE outside the image)."""
-        return torch.from_numpy(np.stack([label_to_canvas(self.mask(i), img_size) for i in indices]).astype(np.int64))
+        """(B,256,256) int64 canvas targets (IGNORE outside the image), in the store's geometry."""
+        return torch.from_numpy(np.stack([label_to_canvas(self.mask(i), img_size, self.geometry)
+                                          for i in indices]).astype(np.int64))
 
 
 class Batches(torch.utils.data.Dataset):

@@ -14,6 +14,7 @@ from torch import nn
 
 from cache import SignatureMismatchError
 
+from ..geometry import PAD, saved_geometry
 from ..models.heads import create_head
 from ..runtime import resolve_device
 from .data import UNET_IMG_SIZE, SegmentData, logits_to_raw
@@ -23,27 +24,42 @@ from .metrics import evaluate_predictions
 ENCODER_KEYS = ("encoder", "checkpoint_sha256", "img_size", "preprocessing", "schema_version")
 
 
+def head_img_size(model: nn.Module, store_img_size: int) -> int:
+    """The canvas the head's input covers: the store's encoder input, or 256 for the UNet."""
+    return store_img_size if getattr(model, "input_kind", "features") == "features" else UNET_IMG_SIZE
+
+
+@torch.inference_mode()
+def head_labels(model: nn.Module, x: torch.Tensor, sizes: Sequence[tuple[int, int]], img_size: int,
+                autocast=None, geometry: str = PAD) -> list[np.ndarray]:
+    """Run the head on a batch ``x`` (embeddings, or UNet images) and turn its 256x256 canvas
+    logits into (H,W) uint8 argmax label maps at each image's own size ``sizes[k]``
+    (``logits_to_raw``: crop the valid region, resize bilinear, then argmax). The one code
+    path from logits to labels: evaluation, training's validation and ``pipeline predict``.
+    ``geometry``: the store's (``stages.geometry``), padded or stretched."""
+    model.eval()
+    if autocast is not None:
+        with autocast():
+            logits = model(x).float()
+    else:
+        logits = model(x)
+    return [logits_to_raw(logits[k:k + 1], tuple(size), img_size, geometry).argmax(1)[0].to(torch.uint8).cpu().numpy()
+            for k, size in enumerate(sizes)]
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, data: SegmentData, indices: Sequence[int], device: torch.device,
             batch_size: int = 8, autocast=None) -> dict[int, np.ndarray]:
     """Label maps in each image's own geometry: {index: (H,W) uint8 argmax}."""
     kind = getattr(model, "input_kind", "features")
-    img_size = data.img_size if kind == "features" else UNET_IMG_SIZE
-    model.eval()
+    img_size = head_img_size(model, data.img_size)
     out: dict[int, np.ndarray] = {}
     idx = list(indices)
     for a in range(0, len(idx), batch_size):
         chunk = sorted(idx[a:a + batch_size])
-        x = data.inputs(chunk, kind).to(device)
-        if autocast is not None:
-            with autocast():
-                logits = model(x).float()
-        else:
-            logits = model(x)
-        for k, i in enumerate(chunk):
-            it = data.item(i)
-            raw = logits_to_raw(logits[k:k + 1], (it.height, it.width), img_size)
-            out[i] = raw.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        sizes = [(data.item(i).height, data.item(i).width) for i in chunk]
+        labels = head_labels(model, data.inputs(chunk, kind).to(device), sizes, img_size, autocast, data.geometry)
+        out.update(zip(chunk, labels))
     return out
 
 
@@ -79,24 +95,37 @@ def pick_overlays(data: SegmentData, indices: Sequence[int], limit: int) -> list
     return (with_fg + [i for i in indices if i not in set(with_fg)])[:limit]
 
 
+def class_colormap(num_classes: int):
+    """Matplotlib colormap of label maps: background transparent, class c in tab10 colour
+    c-1 at 55% opacity (the same colours in every overlay the project draws)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    colors = plt.get_cmap("tab10").colors
+    return ListedColormap([(0, 0, 0, 0)] + [(*colors[(c - 1) % 10], 0.55) for c in range(1, num_classes)])
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """Raw pixels -> float (H,W) or (H,W,3) min-max scaled to [0,1] for a picture."""
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3:
+        img = img[..., :3] if img.shape[2] >= 3 else img[..., 0]
+    lo, hi = float(img.min()), float(img.max())
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+
+
 def save_overlays(data: SegmentData, preds: dict[int, np.ndarray], indices: Sequence[int], folder: Path) -> list[str]:
     """One PNG per sample: image | ground truth | prediction (classes coloured over the image)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
 
     folder.mkdir(parents=True, exist_ok=True)
-    colors = plt.get_cmap("tab10").colors
-    cmap = ListedColormap([(0, 0, 0, 0)] + [(*colors[(c - 1) % 10], 0.55) for c in range(1, data.num_classes)])
+    cmap = class_colormap(data.num_classes)
     written = []
     for i in indices:
-        img = np.asarray(data.image(i), dtype=np.float64)
-        if img.ndim == 3:
-            img = img[..., :3] if img.shape[2] >= 3 else img[..., 0]
-        lo, hi = float(img.min()), float(img.max())
-        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+        img = display_image(data.image(i))
         gt = data.mask(i)
         fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
         for ax, title, lab in zip(axes, ("image", "ground truth", "prediction"), (None, gt, preds[i])):
@@ -147,15 +176,21 @@ def check_store(saved: dict[str, Any], data: SegmentData, model_path: str | Path
 def evaluate_segmentation(model_path: str | Path, store: str, data_root: str, dataset: str, out: str | Path,
                           device: str = "auto", splits: Sequence[str] = ("val", "test"), batch_size: int = 8,
                           overlays: int = 6, dataset_options: dict[str, Any] | None = None,
-                          storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                          storage_options: dict[str, Any] | None = None,
+                          keep_predictions: bool = False) -> dict[str, Any]:
     """Score a saved segmentation model on the given splits of a store + dataset (splits
     without samples are skipped; all samples when the dataset names no splits at all);
-    writes ``out/metrics.json`` and overlays. Returns {"splits": {split: metrics}, ...}."""
+    writes ``out/metrics.json`` and overlays. Returns {"splits": {split: metrics}, ...};
+    ``keep_predictions`` adds "predictions": {split: {sample id: (H,W) uint8 labels}}, the
+    label maps that were scored (not written to metrics.json)."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model, saved = load_model(model_path, dev)
     data = SegmentData(store, dataset, data_root, dataset_options, storage_options)
     check_store(saved, data, model_path)
+    # the training geometry (equal to the store's for embedding heads, by check_store); the
+    # UNet may be scored on any store of the dataset and must see its images as it was trained
+    data.geometry = saved_geometry(saved)
     out = Path(out)
     chosen = {s: data.split_indices(s) for s in splits}
     chosen = {s: v for s, v in chosen.items() if v}
@@ -171,16 +206,21 @@ def evaluate_segmentation(model_path: str | Path, store: str, data_root: str, da
         chosen = {"all": every}
     result: dict[str, Any] = {"task": "segment", "model": str(model_path), "head": saved["head"],
                               "store": store, "dataset": dataset, "data_root": str(data_root), "splits": {}}
+    kept: dict[str, dict[str, np.ndarray]] = {}
     for split, idx in chosen.items():
         data.verify(idx)
         preds = predict(model, data, idx, dev, batch_size)
         result["splits"][split] = score(data, preds)
+        if keep_predictions:
+            kept[split] = {data.ids[i]: p for i, p in preds.items()}
         if split == next(iter(chosen)):
             picks = pick_overlays(data, idx, overlays)
             result["overlays"] = save_overlays(data, preds, picks, out / "overlays")
     result["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if keep_predictions:
+        result["predictions"] = kept
     return result
 
 

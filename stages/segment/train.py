@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cache.ownership import RUN_MARKERS, prepare_run_folder
+
 from ..models.heads import create_head
 from ..progress import progress_bar
 from ..runtime import resolve_device, resolve_precision, tune_allocator
@@ -105,12 +107,20 @@ def _model_record(cfg: SegmentConfig, data: SegmentData, model: nn.Module, state
         "mask_classes": data.mask_classes,
         "input_kind": model.input_kind,
         "img_size": data.img_size,
+        "geometry": data.geometry,  # padded or stretched input (stages.geometry), for evaluate/predict
         "store_signature": data.store.signature,
+        # how `pipeline predict` rebuilds the store's encoder: its weights and kernels
+        "checkpoint_path": data.store.attrs.get("checkpoint_path"),
+        "fast_kernels": bool(data.store.attrs.get("fast_kernels", False)),
         "config": cfg.to_dict(),
         "epoch": epoch,
         "val_mean_dice": val_dice,
         "state_dict": state,
     }
+
+
+# what a segmentation run writes into its folder (``--overwrite`` deletes these only)
+OUTPUT_FILES = ("model.pt", "last.pt", "metrics.json", "history.csv", "overlays/")
 
 
 def train_segmentation(cfg: SegmentConfig, data: SegmentData | None = None) -> dict[str, Any]:
@@ -121,6 +131,8 @@ def train_segmentation(cfg: SegmentConfig, data: SegmentData | None = None) -> d
     t0 = time.perf_counter()
     tune_allocator()
     cfg.check()
+    out = prepare_run_folder(cfg.out, outputs=OUTPUT_FILES, markers=RUN_MARKERS, overwrite=cfg.overwrite,
+                             resume=cfg.resume)  # before any work: refuse a folder that is not ours
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     amp = Amp(device, precision)
@@ -136,8 +148,6 @@ def train_segmentation(cfg: SegmentConfig, data: SegmentData | None = None) -> d
         data.load_in_memory(train + val)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     early = EarlyStopping(cfg.patience)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path, model_path = out / "last.pt", out / "model.pt"
 
     start, best_state, best_dice, best_preds = 0, None, float("nan"), None

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from ..datasets.base import Dataset
+from ..geometry import input_geometry
 from ..models import create_model
+from ..models.classifier import check_hub_weights
 from ..models.registry import canonical
 from ..progress import progress_bar
 from ..runtime import resolve_device, resolve_precision, tune_allocator
@@ -84,6 +86,7 @@ class ClassifyConfig:
     model: str = "slca"
     backbone: str = "resnet18"
     backbone_weights: str | None = None
+    pretrained: bool = False
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None
     data_root: str | None = None
@@ -139,6 +142,32 @@ def model_kwargs(cfg: ClassifyConfig, num_classes: int, img_size: int) -> dict[s
     return dict(num_classes=num_classes)
 
 
+def check_init(cfg: ClassifyConfig) -> None:
+    """Refuse backbone weights for models without a timm backbone, and both sources at once."""
+    if not (cfg.pretrained or cfg.backbone_weights):
+        return
+    if canonical(cfg.model) not in ("slca", "backbone"):
+        raise ValueError(f"--pretrained / --backbone-weights: --model {cfg.model} has no timm backbone; "
+                         "use --model slca or backbone, or drop them")
+    if cfg.pretrained and cfg.backbone_weights:
+        raise ValueError(f"{cfg.backbone_weights}: --pretrained and --backbone-weights both given; keep one "
+                         "(--backbone-weights PATH for a local file)")
+    if cfg.pretrained and not (cfg.resume and (Path(cfg.out) / "last.pt").exists()):
+        check_hub_weights(cfg.backbone)
+
+
+def init_kwargs(cfg: ClassifyConfig, out: Path) -> dict[str, Any]:
+    """Training-only constructor arguments: the backbone's starting weights. Deliberately not
+    in ``model_kwargs``: model.pt is rebuilt with random init and then loads its own trained
+    weights, so evaluate/predict never download or need the original file. A resumed run
+    skips them too (last.pt replaces every weight), so it works offline."""
+    if cfg.resume and (out / "last.pt").exists():
+        return {}
+    if cfg.backbone_weights:
+        return {"pretrained": cfg.backbone_weights}
+    return {"pretrained": True} if cfg.pretrained else {}
+
+
 
 
 def train_epoch(net: nn.Module, loader, optimizer, scheduler, amp: Amp, criterion: nn.Module,
@@ -188,16 +217,13 @@ def prepare(cfg: ClassifyConfig, dataset: Dataset | None = None) -> Prepared:
 
 
 def _check_out(cfg: ClassifyConfig) -> Path:
-    out = Path(cfg.out)
-    earlier = [f for f in ("last.pt", "model.pt") if (out / f).exists()]
-    if earlier and not cfg.resume:
-        if not cfg.overwrite:
-            raise TrainingError(f"{out}: holds an earlier training run ({', '.join(earlier)}); pass --resume to "
-                                "continue it or --overwrite to start over")
-        for f in OUTPUT_FILES:
-            (out / f).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    from cache.ownership import RUN_MARKERS, ForeignPathError, prepare_run_folder
+
+    try:
+        return prepare_run_folder(cfg.out, outputs=OUTPUT_FILES, markers=RUN_MARKERS, overwrite=cfg.overwrite,
+                                  resume=cfg.resume)
+    except ForeignPathError as e:
+        raise TrainingError(str(e)) from None
 
 
 def log(msg: str, enabled: bool = True) -> None:
@@ -215,6 +241,7 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
     if kind.replace("_", "-") not in MODEL_KINDS:
         raise ValueError(f"unknown --model {cfg.model!r}; choose one of: {', '.join(MODEL_KINDS)}")
     modes = parse_augment(cfg.augment)
+    check_init(cfg)
     out = _check_out(cfg)
     write_json(dataclasses.asdict(cfg), out / "config.json")
     seed_everything(cfg.seed)
@@ -222,10 +249,11 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
     prep = prepare(cfg, dataset)
     device = resolve_device(cfg.device)
     amp = Amp(device, resolve_precision(cfg.precision, device))
-    net = create_model(kind, **model_kwargs(cfg, len(prep.classes), prep.img_size))
-    if cfg.backbone_weights and hasattr(net, "load_backbone"):
-        loaded, skipped = net.load_backbone(cfg.backbone_weights)
-        log(f"backbone weights {cfg.backbone_weights}: {loaded} tensors loaded, {skipped} kept random", progress)
+    init = init_kwargs(cfg, out)
+    net = create_model(kind, **model_kwargs(cfg, len(prep.classes), prep.img_size), **init)
+    if init:
+        log(f"backbone {cfg.backbone}: pretrained weights from {cfg.backbone_weights or 'timm (Hugging Face hub)'}",
+            progress)
     net.to(device)
     counts = {s: len(r) for s, r in prep.splits.items()}
     log(f"{cfg.model} on {cfg.store}: {counts['train']} train / {counts['val']} val / {counts['test']} test, "
@@ -261,6 +289,7 @@ def _checkpoint_meta(cfg: ClassifyConfig, prep: Prepared) -> dict[str, Any]:
     return {
         "format": MODEL_FORMAT, "version": 1, "task": "classify", "model": canonical(cfg.model),
         "classes": list(prep.classes), "img_size": prep.img_size, "config": dataclasses.asdict(cfg),
+        "geometry": input_geometry(st.attrs.get("preprocessing")),  # padded/stretched image, for predict
         "store": {"url": st.url, "signature": st.signature, "encoder": st.attrs.get("encoder"),
                   "checkpoint_path": st.attrs.get("checkpoint_path")},
         "splits": ids,

@@ -28,6 +28,7 @@ from cache import FeatureStore, SignatureMismatchError, StoreError
 
 from ..datasets import open_dataset
 from ..datasets.base import Dataset
+from ..geometry import PAD, STRETCH, check_geometry, input_geometry
 
 SPLIT_NAMES = ("train", "val", "test")
 IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # timm/ImageNet statistics, so that
@@ -179,13 +180,15 @@ def subsample(rows: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction
 
 # --- images --------------------------------------------------------------------------
 
-def prepare_image(image: np.ndarray, size: int) -> torch.Tensor:
+def prepare_image(image: np.ndarray, size: int, geometry: str = PAD) -> torch.Tensor:
     """Raw (H,W[,C]) pixels of any dtype -> (3,size,size) float32 for the backbone.
 
     uint8 is scaled by 1/255, other dtypes min-max to [0,1]; the image is zero-padded to
     a square at the bottom/right (the SAM encoders pad the same way, so the 64x64 SAM
     grid and this image share their field of view), resized (bilinear, antialiased),
-    grey repeated to RGB, and normalised with the ImageNet mean/std."""
+    grey repeated to RGB, and normalised with the ImageNet mean/std. ``geometry``
+    ``STRETCH`` (a SAM 2 store, ``stages.geometry``): no padding, the whole image is
+    stretched to the square, as SAM 2 stretched it."""
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[2] in (1, 2):
         a = a[:, :, 0]
@@ -201,9 +204,9 @@ def prepare_image(image: np.ndarray, size: int) -> torch.Tensor:
     t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
     h, w = t.shape[1:]
     side = max(h, w)
-    if h != w:
+    if h != w and check_geometry(geometry) == PAD:
         t = F.pad(t, (0, side - w, 0, side - h))
-    if side != size:
+    if tuple(t.shape[1:]) != (size, size):  # STRETCH: the aspect ratio goes here
         t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False,
                           antialias=side > size)[0]
     if t.shape[0] == 1:
@@ -225,14 +228,19 @@ class ClassifyData(TorchDataset):
     (``__getitems__``): a dict of ``image`` (B,3,S,S) float32 or None, ``sam``
     (B,256,64,64) float16 or None, ``label`` (B,) int64, ``pos`` (B,) int64.
 
-    ``in_memory`` loads all embeddings (and caches prepared images) up front."""
+    ``in_memory`` loads all embeddings (and caches prepared images) up front. Images are
+    padded or stretched to the square as the store's encoder input was (``geometry``:
+    None = the store's recorded preprocessing), also for models that read no embeddings,
+    so that every model compared on a store sees one field of view."""
 
     def __init__(self, joined: Joined, rows: np.ndarray, img_size: int, need_image: bool = True,
-                 need_sam: bool = True, in_memory: bool = False, progress: bool = False):
+                 need_sam: bool = True, in_memory: bool = False, progress: bool = False,
+                 geometry: str | None = None):
         self.store, self.dataset = joined.store, joined.dataset
         self.rows = np.asarray(rows, dtype=np.int64)
         self.labels = joined.store.labels[self.rows]
         self.img_size, self.need_image, self.need_sam = img_size, need_image, need_sam
+        self.geometry = geometry or input_geometry(joined.store.attrs.get("preprocessing"))
         self.sam_mem: np.ndarray | None = None
         self.img_mem: torch.Tensor | None = None
         if in_memory:
@@ -246,7 +254,7 @@ class ClassifyData(TorchDataset):
         return len(self.rows)
 
     def _image(self, row: int) -> torch.Tensor:
-        return prepare_image(self.dataset.load_image(int(row)), self.img_size)
+        return prepare_image(self.dataset.load_image(int(row)), self.img_size, self.geometry)
 
     def __getitem__(self, p: int) -> dict[str, Any]:
         return self.__getitems__([p])

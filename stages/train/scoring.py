@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..geometry import input_geometry
 from .data import IMAGE_MEAN, IMAGE_STD, Prepared, prepare_image
 from .loop import Amp
 from .metrics import classification_metrics, confusion, safe_name
@@ -121,7 +122,8 @@ def write_plots(net, results, prep: Prepared, device, out: Path, attention_image
         pick = _spread(y, attention_images)
         sel = rows[pick]
         st, ds = prep.joined.store, prep.joined.dataset
-        images = torch.stack([prepare_image(ds.load_image(int(r)), prep.img_size) for r in sel])
+        geometry = input_geometry(st.attrs.get("preprocessing"))
+        images = torch.stack([prepare_image(ds.load_image(int(r)), prep.img_size, geometry) for r in sel])
         sam = torch.from_numpy(st.read(sel, np.float32)).to(device)
         maps = {k: v.float().cpu().numpy() for k, v in net.eval().attention_maps(sam).items()}
         shown = (images * IMAGE_STD + IMAGE_MEAN).clamp(0, 1)

@@ -1,0 +1,204 @@
+"""Is this output path ours? Refuse what is not; delete only what we wrote.
+
+Every command that writes asks here first. A path is one of:
+
+- ``absent`` or ``empty`` (an empty folder / an S3 prefix with no objects): free to use;
+- ``ours``: a feature store (a Zarr group whose ``format`` attribute is ``schema.FORMAT``);
+- ``foreign``: anything else (a file, a non-empty folder without a store, a Zarr group or
+  HDF5 file written by another program, a prefix holding other objects, a store whose
+  ``zarr.json`` cannot be read). Foreign paths are refused even with ``--overwrite``:
+  nothing the user already has is ever deleted, the way ``git clone`` refuses a non-empty
+  folder and zarr's ``mode="w-"`` refuses an existing node.
+
+``remove_store`` deletes only the files a store consists of (its ``zarr.json``, the
+arrays named in ``schema`` and their chunks, zarr's ``*.partial`` temporaries); a file
+the user put inside the store folder survives, and the folder is removed only if empty.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from . import io
+from .schema import EMBEDDINGS, FORMAT, LISTING, RESULTS, SCALE
+from .signature import StoreError
+
+# the top-level entries a store of ours is made of (see schema and writer._create)
+STORE_ARRAYS = (EMBEDDINGS, SCALE, *LISTING, *RESULTS)
+
+
+class ForeignPathError(StoreError):
+    """The output path holds something this project did not write (exit code 2)."""
+
+
+def _fs(url: str, storage_options: dict[str, Any] | None):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def _store_kind(text: bytes | str) -> str:
+    """``ours`` or ``foreign`` from the bytes of a root ``zarr.json``."""
+    try:
+        meta = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return "foreign"
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    if meta.get("node_type") == "group" and isinstance(attrs, dict) and attrs.get("format") == FORMAT:
+        return "ours"
+    return "foreign"
+
+
+def store_state(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(kind, why): kind is absent | empty | ours | foreign; ``why`` describes a foreign path."""
+    url = str(url)
+    if io.is_remote(url):
+        fs, path = _fs(url, storage_options)
+        try:
+            if fs.isfile(path):
+                return "foreign", "it is an object, not a store prefix"
+            names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False, refresh=True)]
+        except FileNotFoundError:
+            return "absent", ""
+        if not names:
+            return "empty", ""
+        if "zarr.json" not in names:
+            return "foreign", f"the prefix holds {len(names)} object(s) that are not a feature store"
+        kind = _store_kind(fs.cat_file(path + "/zarr.json"))
+        return kind, "" if kind == "ours" else "it holds a Zarr group not written by this project"
+    p = io.local_path(url)
+    if not p.exists() and not p.is_symlink():
+        return "absent", ""
+    if not p.is_dir():
+        return "foreign", "it is a file, not a store folder"
+    meta = p / "zarr.json"
+    if not meta.is_file():
+        # zarr's own temporaries (a writer killed while creating zarr.json) do not count
+        others = [q for q in p.iterdir() if not io.is_partial(q.name)]
+        return ("empty", "") if not others else ("foreign", "the folder is not empty and holds no store")
+    kind = _store_kind(meta.read_bytes())
+    why = "it holds a Zarr group not written by this project (or its zarr.json is damaged)"
+    return kind, "" if kind == "ours" else why
+
+
+def check_store_target(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> str:
+    """Refuse (ForeignPathError naming the path) unless ``url`` is absent, empty or ours;
+    returns the kind."""
+    kind, why = store_state(url, storage_options)
+    if kind == "foreign":
+        raise ForeignPathError(f"{url}: exists and is not a feature store ({why}); nothing was changed, "
+                               "choose another --out (--overwrite replaces only a store this project wrote)")
+    return kind
+
+
+def remove_store(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the store at ``url`` after proving it ours: only its own entries."""
+    url = str(url)
+    kind = check_store_target(url, storage_options)
+    if kind in ("absent", "empty"):
+        return
+    if io.is_remote(url):
+        fs, path = _fs(url, storage_options)
+        doomed = [f for f in fs.find(path) if _is_store_file(f[len(path) + 1:])]
+        if doomed:
+            fs.rm(doomed)
+        fs.invalidate_cache(path)
+        return
+    root = io.local_path(url)
+    for f in sorted(root.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        rel = f.relative_to(root).as_posix()
+        if f.is_dir() and not f.is_symlink():
+            if rel.split("/", 1)[0] in STORE_ARRAYS and not any(f.iterdir()):
+                f.rmdir()
+        elif _is_store_file(rel):
+            f.unlink()
+    if not any(root.iterdir()):
+        root.rmdir()
+
+
+def _is_store_file(rel: str) -> bool:
+    """A path relative to a store's root that the store itself consists of."""
+    if rel == "zarr.json" or io.is_partial(rel.rsplit("/", 1)[-1]):
+        return True
+    head, _, rest = rel.partition("/")
+    return head in STORE_ARRAYS and (rest == "zarr.json" or rest.startswith("c/"))
+
+
+# --- plain output files and run folders --------------------------------------------------
+def check_file_target(path: str | os.PathLike, *, overwrite: bool, is_ours, what: str, flag: str = "--out") -> None:
+    """Refuse to write the file ``path`` unless it is absent, or ours and ``overwrite``.
+
+    ``is_ours(path) -> bool`` recognises a file this project wrote."""
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        return
+    if p.is_dir():
+        raise ForeignPathError(f"{p}: is a folder, not a {what} file; nothing was changed, choose another {flag}")
+    if not is_ours(p):
+        raise ForeignPathError(f"{p}: exists and was not written by this project (not a {what}); nothing was "
+                               f"changed, choose another {flag}")
+    if not overwrite:
+        raise ForeignPathError(f"{p}: exists; choose another {flag} or pass --overwrite to replace it")
+
+
+def check_folder_target(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output folder (absent or a folder; never a file): returns it as a Path."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ForeignPathError(f"{p}: is a file, not a folder; nothing was changed, choose another {flag}")
+    return p
+
+
+# files whose presence says "a run of pipeline train lives here"
+RUN_MARKERS = ("config.json", "model.pt", "last.pt")
+
+
+def prepare_run_folder(path: str | os.PathLike, *, outputs: Sequence[str], markers: Iterable[str], overwrite: bool,
+                       resume: bool, command: str = "pipeline train") -> Path:
+    """Make ``path`` ready for a training run and return it.
+
+    A folder holding an earlier run (any of ``markers``, e.g. config.json/model.pt/last.pt)
+    is resumed with ``resume``, replaced with ``overwrite`` (only the files in ``outputs``
+    are deleted; a name ending in "/" is a folder of our PNGs, emptied of those only), and
+    otherwise refused. A non-empty folder without a run is refused even with --overwrite."""
+    out = check_folder_target(path)
+    if not out.exists():
+        out.mkdir(parents=True)
+        return out
+    earlier = [m for m in markers if (out / m).exists()]
+    if not earlier:
+        if any(out.iterdir()):
+            raise ForeignPathError(f"{out}: the folder is not empty and holds no run of `{command}` (no "
+                                   f"{'/'.join(markers)}); nothing was changed, choose another --out")
+        return out
+    if resume:
+        return out
+    if not overwrite:
+        raise ForeignPathError(f"{out}: holds an earlier training run ({', '.join(earlier)}); pass --resume to "
+                               "continue it or --overwrite to start over")
+    for name in outputs:
+        target = out / name.rstrip("/")
+        if name.endswith("/") and target.is_dir():
+            for f in target.glob("*.png"):
+                f.unlink()
+            if not any(target.iterdir()):
+                target.rmdir()
+        elif target.is_file():
+            target.unlink()
+    return out
+
+
+def is_text_with_header(path: Path, header: str) -> bool:
+    """A text file whose first line starts with ``header`` (how we recognise our CSVs/reports)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(header)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+__all__ = ["ForeignPathError", "RUN_MARKERS", "check_file_target", "check_folder_target", "check_store_target",
+           "is_text_with_header", "prepare_run_folder", "remove_store", "store_state"]

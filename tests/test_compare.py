@@ -1,0 +1,194 @@
+"""`pipeline compare`: models x fractions x seeds on a real (toy) store through the normal
+training path; the table and JSON equal the runs' own metrics.json, finished runs are
+reused, an interrupted run resumes, run folders of other settings and foreign output
+folders are refused, and the CLI end to end on a store extracted with the real encoder."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages import compare as cmp
+from stages.compare import CompareConfig, parse_variant, run_compare
+from stages.train import classify as classify_mod
+from stages.train.loop import load_checkpoint
+from toy_store import make_toy
+
+FAST = dict(backbone="resnet10t", img_size=32, batch_size=8, workers=0, epochs=1, precise_bn=0)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy(tmp_path_factory.mktemp("toy"), n_per_class=12)
+
+
+@pytest.fixture(scope="module")
+def compared(toy, tmp_path_factory):
+    """2 models x 2 fractions x 2 seeds, trained once for the module."""
+    ds, url = toy
+    cc = CompareConfig(store=url, out=str(tmp_path_factory.mktemp("cmp") / "cmp"), models=["backbone", "probe"],
+                       fractions=[0.5, 1.0], seeds=[0, 1], options=FAST)
+    return cc, run_compare(cc, dataset=ds, progress=False)
+
+
+def _metrics(out: str, model: str, frac: float, seed: int) -> dict:
+    return json.loads((cmp.run_dir(out, model, frac, seed) / "metrics.json").read_text())
+
+
+def test_table_and_json_equal_the_runs_metrics(compared):
+    cc, report = compared
+    out = Path(cc.out)
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["complete"] and saved["format"] == cmp.COMPARE_FORMAT
+    assert len(saved["runs"]) == 8 and {r["status"] for r in saved["runs"]} == {"trained"}
+    for r in saved["runs"]:
+        assert r["metrics"] == _metrics(cc.out, r["model"], r["fraction"], r["seed"])
+        assert (out / r["dir"] / "model.pt").is_file()
+    md = (out / "compare.md").read_text()
+    rows = {(r["model"], r["fraction"]): r for r in saved["summary"]}
+    assert set(rows) == {(m, f) for m in cc.models for f in cc.fractions}
+    for (model, frac), row in rows.items():
+        ms = [_metrics(cc.out, model, frac, s) for s in cc.seeds]
+        assert row["n_train"] == sorted({m["n_train"] for m in ms})
+        for key in ("auc", "accuracy", "balanced_accuracy"):
+            v = np.array([m["test"][key] for m in ms])
+            assert row[key]["mean"] == pytest.approx(v.mean()) and row[key]["std"] == pytest.approx(v.std(ddof=1))
+        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k in ("auc", "accuracy", "balanced_accuracy")]
+        line = f"| {model} | {frac:g} | {row['n_train'][0]} | " + " | ".join(cells)
+        assert line in md, (line, md)
+        if model == "probe":  # paired by seed against backbone at the same fraction
+            base = [_metrics(cc.out, "backbone", frac, s)["test"]["auc"] for s in cc.seeds]
+            d = np.array([m["test"]["auc"] for m in ms]) - np.array(base)
+            got = row["delta_auc_vs_backbone"]
+            assert got["mean"] == pytest.approx(d.mean()) and got["std"] == pytest.approx(d.std(ddof=1))
+            assert f"{d.mean():+.3f} ± {d.std(ddof=1):.3f}" in line + md.split(line, 1)[1].splitlines()[0]
+    assert (out / "compare.png").stat().st_size > 1000
+
+
+def test_second_invocation_reuses_every_finished_run(compared, toy):
+    cc, first = compared
+    ds, _ = toy
+    pts = sorted(Path(cc.out).glob("runs/*/*/*/model.pt"))
+    before = {p: p.stat().st_mtime_ns for p in pts}
+    again = run_compare(dataclasses.replace(cc, options={**FAST, "workers": 0, "device": "cpu"}),
+                        dataset=ds, progress=False)
+    assert len(pts) == 8 and {p: p.stat().st_mtime_ns for p in pts} == before
+    assert {r["status"] for r in again["runs"]} == {"reused"}
+    assert again["summary"] == first["summary"]
+
+
+def test_interrupted_run_resumes_and_the_rest_is_trained(toy, tmp_path, monkeypatch):
+    ds, url = toy
+    cc = CompareConfig(store=url, out=str(tmp_path / "cmp"), models=["backbone", "probe"], fractions=[1.0],
+                       seeds=[0], options={**FAST, "epochs": 2})
+    per_epoch = -(-sum(1 for x in ds.samples if x.split == "train") // FAST["batch_size"])
+    real, calls = classify_mod.augment, {"n": 0}
+
+    def killed(*a):
+        calls["n"] += 1
+        if calls["n"] > per_epoch:  # Ctrl-C in the first batch of epoch 2 of the backbone run
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(classify_mod, "augment", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cc, dataset=ds, progress=False)
+    run = cmp.run_dir(cc.out, "backbone", 1.0, 0)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1 and not (run / "metrics.json").exists()
+    assert not cmp.run_dir(cc.out, "probe", 1.0, 0).exists()
+    assert cmp.is_compare_dir(cc.out)  # the marker was written before training
+    monkeypatch.setattr(classify_mod, "augment", real)
+    report = run_compare(cc, dataset=ds, progress=False)
+    assert [r["status"] for r in report["runs"]] == ["resumed", "trained"]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert len((run / "history.csv").read_text().splitlines()) == 3  # header + epochs 1 and 2
+    assert report["runs"][0]["metrics"] == json.loads((run / "metrics.json").read_text())
+
+
+def test_run_of_other_settings_is_refused_and_overwrite_deletes_only_its_files(toy, tmp_path):
+    ds, url = toy
+    cc = CompareConfig(store=url, out=str(tmp_path / "cmp"), models=["probe"], fractions=[1.0], seeds=[0],
+                       options=FAST)
+    run_compare(cc, dataset=ds, progress=False)
+    run = cmp.run_dir(cc.out, "probe", 1.0, 0)
+    (run / "notes.txt").write_text("mine")
+    (tmp_path / "cmp" / "mine.txt").write_text("mine")
+    other = dataclasses.replace(cc, options={**FAST, "probe_c": "1"})
+    with pytest.raises(ValueError, match=r"s0: holds a run made with other settings \(probe_c\); pass --overwrite"):
+        run_compare(other, dataset=ds, progress=False)
+    assert json.loads((run / "config.json").read_text())["probe_c"] != "1"
+    other.overwrite = True
+    report = run_compare(other, dataset=ds, progress=False)
+    assert report["runs"][0]["status"] == "retrained"
+    assert json.loads((run / "config.json").read_text())["probe_c"] == "1"
+    assert (run / "notes.txt").read_text() == "mine" and (tmp_path / "cmp" / "mine.txt").read_text() == "mine"
+
+
+def test_variants_and_settings_are_parsed_against_the_training_config():
+    assert parse_variant("slca/window=0/gate=mul/fuse=1") == ("slca", {"slca_window": 0, "slca_gate": "mul",
+                                                                      "slca_fuse": True})
+    assert parse_variant("backbone/lr=0.01/img=48/label-smoothing=0.1") == (
+        "backbone", {"lr": 0.01, "img_size": 48, "label_smoothing": 0.1})
+    assert cmp.run_name("slca/window=0") == "slca+window=0"
+    with pytest.raises(ValueError, match=r"--models 'slca/windw=0': unknown setting 'windw'"):
+        parse_variant("slca/windw=0")
+    with pytest.raises(ValueError, match=r"slca_window='x' is not int"):
+        parse_variant("slca/window=x")
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        parse_variant("resnet")
+    with pytest.raises(ValueError, match="'seed' is set by the comparison itself"):
+        parse_variant("slca/seed=3")
+
+
+def test_backbone_weights_apply_only_to_models_with_a_backbone(toy, tmp_path):
+    _, url = toy
+    runs = cmp.build_runs(CompareConfig(store=url, out=str(tmp_path), models=["slca", "probe", "sam-head"],
+                                        options={"backbone_weights": "w.pth", "lr": "0.01"}))
+    assert [(r.cfg.model, r.cfg.backbone_weights, r.cfg.lr) for r in runs] == [
+        ("slca", "w.pth", 0.01), ("probe", None, 0.01), ("sam-head", None, 0.01)]
+    assert runs[0].cfg.out == str(tmp_path / "runs" / "slca" / "f1" / "s0")
+
+
+def _cli(args):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, ["compare", *map(str, args)])
+
+
+def test_cli_compare_on_a_real_store(synthetic_store, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["--from-cache", synthetic_store, "--out", out, "--models", "probe,sam-head", "--fractions", "1.0",
+            "--seeds", "0", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--set", "precise_bn=0", "-q"]
+    r = _cli(args)
+    assert r.exit_code == 0, r.output
+    assert "| probe | 1 |" in r.stdout and "| sam-head | 1 |" in r.stdout and "± -" in r.stdout
+    assert r.stdout.startswith((out / "compare.md").read_text().strip().splitlines()[0])
+    assert json.loads((out / "compare.json").read_text())["complete"]
+    assert (out / "runs" / "sam-head" / "f1" / "s0" / "model.pt").is_file()
+    pt = out / "runs" / "probe" / "f1" / "s0" / "model.pt"
+    before = pt.stat().st_mtime_ns
+    r = _cli(args)  # reused
+    assert r.exit_code == 0 and pt.stat().st_mtime_ns == before
+    bad = _cli([*args, "--set", "bogus=1"])
+    assert bad.exit_code == 2 and "unknown setting 'bogus'" in bad.output and len(bad.output.splitlines()) == 1
+    bad = _cli([*args, "--epochs", "0"])
+    assert bad.exit_code == 2 and "--epochs 0: must be at least 1" in bad.output
+
+
+def test_cli_refuses_a_foreign_non_empty_out(synthetic_store, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("x")
+    for extra in ([], ["--overwrite"]):
+        r = _cli(["--from-cache", synthetic_store, "--out", out, "--models", "probe", "--fractions", "1",
+                  "--seeds", "0", "-q", *extra])
+        assert r.exit_code == 2 and len(r.output.splitlines()) == 1
+        assert r.output.startswith(f"error: {out}: is not empty and not a `pipeline compare` folder")
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    r = _cli(["--from-cache", tmp_path / "nostore.zarr", "--out", tmp_path / "new", "--models", "probe", "-q"])
+    assert r.exit_code == 2 and "no feature store there" in r.output and not (tmp_path / "new").exists()
