@@ -1,0 +1,2 @@
+"""The `pipeline` command line (Typer): one module per group of commands, registered on
+``app.app``."""

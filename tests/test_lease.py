@@ -15,30 +15,16 @@ import pytest
 
 from cache import Listing, StoreError, StoreWriter, make_signature
 from cache.lease import Lease
+from s3_server import moto_s3
 
-s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
 REPO = Path(__file__).resolve().parents[1]
 TTL = 2.0
 
 
 @pytest.fixture(scope="module")
 def s3():
-    mp = pytest.MonkeyPatch()
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        mp.setenv(k, "testing")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-    mp.setenv("SAM_CACHE_LEASE_TTL", str(TTL))
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-    fs.mkdir("lease")
-    yield endpoint, {"client_kwargs": {"endpoint_url": endpoint}}, fs
-    server.stop()
-    mp.undo()
+    with moto_s3("lease", SAM_CACHE_LEASE_TTL=str(TTL)) as server:
+        yield server
 
 
 def _sig():

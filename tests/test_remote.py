@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import s3fs
 
 from cache import FeatureStore, IncompleteStoreError, Listing, StoreWriter, make_signature
 from cache.hdf5 import export_hdf5, import_hdf5
-
-s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+from s3_server import moto_s3
 
 
 @pytest.fixture(scope="module")
 def s3():
     """(endpoint URL, storage options) of a fresh moto S3 server with bucket ``feat``."""
-    mp = pytest.MonkeyPatch()
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        mp.setenv(k, "testing")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir("feat")
-    yield endpoint, {"client_kwargs": {"endpoint_url": endpoint}}
-    server.stop()
-    mp.undo()
+    with moto_s3("feat") as (endpoint, opts, _):
+        yield endpoint, opts
 
 
 def _sig(dtype="float16"):

@@ -15,6 +15,7 @@ from cache import FeatureStore, Listing, StoreWriter, make_signature
 from cache.hdf5 import export_hdf5
 from cache.ownership import ForeignPathError, prepare_run_folder, remove_store, store_state
 from pipeline.cli import app
+from s3_server import moto_s3
 
 runner = CliRunner()
 
@@ -317,26 +318,12 @@ def test_info_on_a_damaged_store_names_the_store_and_the_file(tmp_path):
 
 
 # --- s3:// ---------------------------------------------------------------------------------------
-s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
 
 
 @pytest.fixture(scope="module")
 def s3():
-    mp = pytest.MonkeyPatch()
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        mp.setenv(k, "testing")
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-    fs.mkdir("safe")
-    yield endpoint, {"client_kwargs": {"endpoint_url": endpoint}}, fs
-    server.stop()
-    mp.undo()
+    with moto_s3("safe") as server:
+        yield server
 
 
 def test_s3_prefix_with_foreign_objects_is_refused_by_every_writer(s3, export):
@@ -347,7 +334,9 @@ def test_s3_prefix_with_foreign_objects_is_refused_by_every_writer(s3, export):
     for url in ("s3://safe/theirs", foreign_zarr_url, "s3://safe/theirs/thesis.docx"):
         before = {p: fs.cat_file(p) for p in fs.find(url[5:])}
         for extra in ([], ["--overwrite"]):
-            refused(cli(*EXTRACT, "--out", url, "--storage-option", f"endpoint_url={endpoint}", *extra), url)
+            for path in ([], ["--dask-workers", "1"]):  # the local and the dask path
+                refused(cli(*EXTRACT, "--out", url, "--storage-option", f"endpoint_url={endpoint}", *extra, *path),
+                        url)
             refused(cli("import", export, "--out", url, "--storage-option", f"endpoint_url={endpoint}", *extra), url)
             with pytest.raises(ForeignPathError):
                 make_store(url, storage_options=opts, overwrite=bool(extra))
