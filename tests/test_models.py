@@ -166,3 +166,30 @@ def test_slca_fuse_adds_a_linear_read_of_the_pooled_sam_descriptor():
     y = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(net(y, sam) - plain(y, sam), extra)
     assert create_model("backbone", backbone="resnet10t", num_classes=3, img_size=32, fuse=True).fuse is None
+
+
+def test_gate_statistics_show_the_identity_at_init_and_the_spread_once_trained(tmp_path):
+    from stages.train.plots import gate_stats, plot_attention
+
+    torch.manual_seed(0)
+    net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32).eval()
+    sam = _sam()
+    gates = {k: v.numpy() for k, v in net.gates(sam).items()}
+    assert list(gates) == net.stage_names
+    assert all(g.ndim == 4 and g.shape[0] == 2 for g in gates.values())  # (B,C,g,g)
+    at_init = gate_stats(gates)
+    for s in at_init.values():  # the residual gate starts as exactly the identity
+        assert s["min"] == s["max"] == 1.0 and s["channel_std"] == 0.0 and s["max_abs_dev"] == 0.0
+    with torch.no_grad():
+        for block in net.slca.values():
+            block.fc2.weight.normal_(0, 0.05)
+    moved = {k: v.numpy() for k, v in net.gates(sam).items()}
+    stats = gate_stats(moved)
+    for stage, s in stats.items():
+        g = moved[stage]
+        assert s["min"] == pytest.approx(float(g.min())) and s["max"] == pytest.approx(float(g.max()))
+        assert s["channel_std"] == pytest.approx(float(g.std(axis=1).mean()), rel=1e-6) and s["channel_std"] > 0
+        assert s["max_abs_dev"] == pytest.approx(float(abs(g - 1).max())) and 0 < s["max_abs_dev"] < 1
+        np.testing.assert_allclose(net.attention_maps(sam)[stage].numpy(), g.mean(axis=1), rtol=1e-6)
+    png = plot_attention(np.random.default_rng(0).random((2, 32, 32)), moved, ["a", "b"], tmp_path / "att.png")
+    assert png.stat().st_size > 5000

@@ -58,6 +58,10 @@ def test_every_model_kind_trains_and_writes_its_outputs(toy, tmp_path, model):
     if plots:
         for f in ("confusion_test.png", "roc_test.png", "history.png", "slca_attention.png"):
             assert (tmp_path / f).stat().st_size > 1000, f
+        gates = json.loads((tmp_path / "slca_gates.json").read_text())
+        assert list(gates) == ["layer1", "layer2", "layer3", "layer4"]  # resnet10t's SLCA stages
+        for s in gates.values():
+            assert s["min"] <= s["mean"] <= s["max"] and s["n"] > 0 and s["max_abs_dev"] >= 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert set(saved) >= {"val", "test", "n_train", "best_epoch"}
     assert set(saved["test"]) >= {"accuracy", "balanced_accuracy", "auc", "f1_macro", "precision_c0", "recall_c1"}

@@ -241,13 +241,16 @@ class SLCAClassifier(nn.Module):
         return logits
 
     @torch.no_grad()
+    def gates(self, sam: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per SLCA stage, the factor applied to each channel on the SAM window grid:
+        (B,C,g,g); 1 everywhere is the identity (the residual gate at initialisation)."""
+        return {name: block.gate_map(sam, tuple(block.pool(sam).shape[2:]))
+                for name, block in zip(self.stage_names, self.slca.values())}
+
+    @torch.no_grad()
     def attention_maps(self, sam: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per SLCA stage, the channel-mean of the gate on the SAM window grid: (B,g,g)."""
-        out = {}
-        for name, (key, block) in zip(self.stage_names, self.slca.items()):
-            g = block.gate_map(sam, tuple(block.pool(sam).shape[2:]))
-            out[name] = g.mean(dim=1)
-        return out
+        return {name: g.mean(dim=1) for name, g in self.gates(sam).items()}
 
     def load_backbone(self, path: str | Path) -> tuple[int, int]:
         """Load a local timm checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``) into the

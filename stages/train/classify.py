@@ -9,7 +9,7 @@ Outputs (``ClassifyConfig.out``)::
     history.csv      one row per epoch (dvc plots)
     predictions.csv  id, split, label, pred, prob_<class>... for val and test
     config.json      the configuration, for people
-    confusion_test.png  roc_test.png  history.png  slca_attention.png (slca only)
+    confusion_test.png  roc_test.png  history.png  slca_attention.png, slca_gates.json (slca only)
 
 All four model kinds are trained and scored through the same code path, so their
 numbers are comparable. Defaults: AdamW (lr 1e-3, weight decay 0.05), one warmup epoch
@@ -72,7 +72,8 @@ MODEL_FORMAT = "sam-feature-pipeline/model"
 HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_balanced_accuracy",
                   "val_f1_macro", "lr", "seconds"]
 OUTPUT_FILES = ("model.pt", "last.pt", "metrics.json", "history.csv", "predictions.csv", "config.json",
-                "confusion_test.png", "roc_test.png", "history.png", "slca_attention.png")
+                "confusion_test.png", "roc_test.png", "history.png", "slca_attention.png",
+                "slca_gates.json")
 # settings that may change between an interrupted run and its --resume
 RESUME_FREE = ("resume", "overwrite", "workers", "in_memory", "device", "attention_images", "plots")
 

@@ -76,28 +76,58 @@ def plot_history(rows: Sequence[Mapping[str, str]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_attention(images: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequence[str],
-                   path: str | Path) -> Path:
-    """One row per image: the image, then its SLCA gate (channel mean) per stage overlaid.
+def gate_stats(gates: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per stage, over gates (N,C,g,g): range, mean and std of every factor, the spread
+    over channels (std across C, averaged over samples and windows) and the largest
+    departure from the identity, max |gate - 1|."""
+    out = {}
+    for stage, g in gates.items():
+        g = np.asarray(g, np.float64)
+        out[stage] = {"min": float(g.min()), "max": float(g.max()), "mean": float(g.mean()),
+                      "std": float(g.std()), "channel_std": float(g.std(axis=1).mean()),
+                      "max_abs_dev": float(np.abs(g - 1).max()), "n": int(g.shape[0])}
+    return out
 
-    images (N,H,W) or (N,H,W,3) in [0,1]; maps: stage -> (N,g,g), upsampled for display."""
-    n, stages = len(images), list(maps)
-    fig, axes = plt.subplots(n, 1 + len(stages), figsize=(2.2 * (1 + len(stages)), 2.3 * n), squeeze=False)
-    for i in range(n):
-        img = images[i]
-        h, w = img.shape[:2]
-        axes[i, 0].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
-        axes[i, 0].set_title(titles[i], fontsize=7)
-        for j, s in enumerate(stages):
-            m = maps[s][i]
+
+def plot_attention(images: np.ndarray, gates: Mapping[str, np.ndarray], titles: Sequence[str],
+                   path: str | Path) -> Path:
+    """One row per image: the image, then per stage its SLCA gate's channel mean as a
+    departure from the identity, (gate - 1) in %, on one symmetric colour scale per stage
+    (so a +-2% effect reads +-2%, not as a full colour range); each panel names the range
+    of the factor over channels and windows and its spread over channels. A last row holds
+    each stage's histogram of every factor of the shown images.
+
+    images (N,H,W) or (N,H,W,3) in [0,1]; gates: stage -> (N,C,g,g), upsampled for display."""
+    n, stages = len(images), list(gates)
+    fig, axes = plt.subplots(n + 1, 1 + len(stages), figsize=(2.4 * (1 + len(stages)), 2.3 * (n + 1) + 0.6),
+                             squeeze=False, layout="constrained")
+    for j, s in enumerate(stages):
+        g = np.asarray(gates[s], np.float64)
+        dev = (g.mean(axis=1) - 1) * 100
+        lim = max(float(np.abs(dev).max()), 1e-3)
+        for i in range(n):
+            img = images[i]
+            h, w = img.shape[:2]
             ax = axes[i, 1 + j]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
-            ax.imshow(m, cmap="jet", alpha=0.45, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
-            if i == 0:
-                ax.set_title(f"SLCA {s}\n[{m.min():.3f}, {m.max():.3f}]", fontsize=7)
-            else:
-                ax.set_title(f"[{m.min():.3f}, {m.max():.3f}]", fontsize=7)
-    for ax in axes.ravel():
+            im = ax.imshow(dev[i], cmap="coolwarm", vmin=-lim, vmax=lim, alpha=0.55,
+                           extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+            head = f"SLCA {s}\n" if i == 0 else ""
+            ax.set_title(f"{head}[{g[i].min():.3f}, {g[i].max():.3f}] sd_c {g[i].std(axis=0).mean():.3f}",
+                         fontsize=6)
+        bar = fig.colorbar(im, ax=axes[:n, 1 + j].tolist(), location="bottom", shrink=0.9, aspect=18)
+        bar.set_label("channel mean: gate - 1 (%)", fontsize=6)
+        bar.ax.tick_params(labelsize=6)
+        hx = axes[n, 1 + j]
+        hx.hist(g.ravel(), bins=60, color="0.35", log=True)
+        hx.axvline(1.0, color="r", lw=0.8)
+        hx.set_title(f"{s}: every factor", fontsize=7)
+        hx.tick_params(labelsize=6)
+    for i in range(n):
+        axes[i, 0].imshow(images[i], cmap="gray" if images[i].ndim == 2 else None, vmin=0, vmax=1)
+        axes[i, 0].set_title(titles[i], fontsize=7)
+    for ax in [*axes[:n].ravel(), axes[n, 0]]:
         ax.axis("off")
-    fig.suptitle("SLCA gate (channel mean; colour scaled per map)", fontsize=8)
+    fig.suptitle("SLCA gate per stage (1 = identity); [range over channels and windows], "
+                 "sd_c = spread over channels", fontsize=8)
     return _save(fig, path)

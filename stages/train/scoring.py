@@ -125,12 +125,31 @@ def write_plots(net, results, prep: Prepared, device, out: Path, attention_image
         geometry = input_geometry(st.attrs.get("preprocessing"))
         images = torch.stack([prepare_image(ds.load_image(int(r)), prep.img_size, geometry) for r in sel])
         sam = torch.from_numpy(st.read(sel, np.float32)).to(device)
-        maps = {k: v.float().cpu().numpy() for k, v in net.eval().attention_maps(sam).items()}
+        gates = {k: v.float().cpu().numpy() for k, v in net.eval().gates(sam).items()}
+        write_gate_stats(net, st, rows, device, out / "slca_gates.json")
         shown = (images * IMAGE_STD + IMAGE_MEAN).clamp(0, 1)
         shown = shown[:, 0].numpy() if torch.equal(shown[:, 0], shown[:, 1]) else shown.permute(0, 2, 3, 1).numpy()
         titles = [f"{st.ids[r]}\n{classes[y[i]]} -> {classes[int(probs[i].argmax())]} "
                   f"({probs[i].max():.2f})" for r, i in zip(sel, pick)]
-        plots.plot_attention(shown, maps, titles, out / "slca_attention.png")
+        plots.plot_attention(shown, gates, titles, out / "slca_attention.png")
+
+
+def write_gate_stats(net, store, rows: np.ndarray, device, path: Path, limit: int = 256) -> dict[str, Any]:
+    """Per-stage statistics of the SLCA gates (``plots.gate_stats``) over up to ``limit``
+    evaluated samples, as JSON beside slca_attention.png: how far the SAM features move
+    the backbone, in numbers."""
+    import json
+
+    from . import plots
+
+    parts: dict[str, list[np.ndarray]] = {}
+    for k in range(0, min(len(rows), limit), 32):
+        sam = torch.from_numpy(store.read(rows[k:min(k + 32, limit)], np.float32)).to(device)
+        for stage, g in net.eval().gates(sam).items():
+            parts.setdefault(stage, []).append(g.float().cpu().numpy())
+    stats = plots.gate_stats({s: np.concatenate(v) for s, v in parts.items()})
+    path.write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
 
 
 def _spread(y: np.ndarray, n: int) -> np.ndarray:
