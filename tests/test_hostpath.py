@@ -89,19 +89,26 @@ def test_torch_cast_rounds_like_numpy():
         assert (got == want).all(), f"flush_denormal={ftz}: {int((got != want).sum())} values differ"
 
 
-def test_parallel_writers_and_reused_buffers_give_the_same_store(tmp_path, tiny_root, tiny_sam_checkpoint):
-    """run_shards with 3 writer threads and shards of one sample (buffers reused,
-    mark_done serialised) against extract's default single writer."""
-    cfg = ExtractConfig(dataset="synthetic", data_root=str(tiny_root), out=str(tmp_path / "one.zarr"),
-                        encoder="sam", checkpoint=str(tiny_sam_checkpoint), device="cpu", batch_size=1, workers=0,
-                        threads=1, shard_size=1)
+def _reference_and_writer(tmp_path, tiny_root, ckpt, shard: int, ref: str, new: str):
+    """extract's own store ``<ref>.zarr`` (batches of ``shard``), plus the dataset, encoder
+    and an open StoreWriter for ``<new>.zarr`` with the same signature, for a second path."""
+    cfg = ExtractConfig(dataset="synthetic", data_root=str(tiny_root), out=str(tmp_path / f"{ref}.zarr"),
+                        encoder="sam", checkpoint=str(ckpt), device="cpu", batch_size=shard, workers=0,
+                        threads=1, shard_size=shard)
     extract(cfg, progress=False)
     dataset = open_dataset("synthetic", str(tiny_root))
     enc = make_encoder(cfg, "cpu")
-    out = tmp_path / "three.zarr"
-    w = StoreWriter.open(str(out), signature=store_signature(enc, dataset, "fp32", "float16"),
+    w = StoreWriter.open(str(tmp_path / f"{new}.zarr"), signature=store_signature(enc, dataset, "fp32", "float16"),
                          listing=listing_of(dataset), classes=dataset.classes, mask_classes=dataset.mask_classes,
-                         shard_size=1, overwrite=True)
+                         shard_size=shard, overwrite=True)
+    return cfg, dataset, enc, w
+
+
+def test_parallel_writers_and_reused_buffers_give_the_same_store(tmp_path, tiny_root, tiny_sam_checkpoint):
+    """run_shards with 3 writer threads and shards of one sample (buffers reused,
+    mark_done serialised) against extract's default single writer."""
+    cfg, dataset, enc, w = _reference_and_writer(tmp_path, tiny_root, tiny_sam_checkpoint, 1, "one", "three")
+    out = tmp_path / "three.zarr"
     with w, torch_threads(1):
         shards = w.pending()
         loader = make_loader(_Prepared(dataset, enc.prepare, enc.img_size, False), shard_batches(shards, 1), 0,
@@ -206,16 +213,8 @@ def test_sam_preprocessing_halves_give_the_reference_bits():
 def test_gpu_preprocessing_split_gives_the_same_store_on_cpu(tmp_path, tiny_root, tiny_sam_checkpoint):
     """The CUDA loader's path (uint8 canvases from the workers, ``Encoder.finish`` on the
     device) run on the CPU: the same store bytes as the default float32 preprocessing."""
-    cfg = ExtractConfig(dataset="synthetic", data_root=str(tiny_root), out=str(tmp_path / "ref.zarr"),
-                        encoder="sam", checkpoint=str(tiny_sam_checkpoint), device="cpu", batch_size=2, workers=0,
-                        threads=1, shard_size=2)
-    extract(cfg, progress=False)
-    dataset = open_dataset("synthetic", str(tiny_root))
-    enc = make_encoder(cfg, "cpu")
+    cfg, dataset, enc, w = _reference_and_writer(tmp_path, tiny_root, tiny_sam_checkpoint, 2, "ref", "u8")
     out = tmp_path / "u8.zarr"
-    w = StoreWriter.open(str(out), signature=store_signature(enc, dataset, "fp32", "float16"),
-                         listing=listing_of(dataset), classes=dataset.classes, mask_classes=dataset.mask_classes,
-                         shard_size=2, overwrite=True)
     with w, torch_threads(1):
         shards = w.pending()
         data = _Prepared(dataset, enc.prepare_host(), enc.img_size, False, dtype=torch.uint8)
