@@ -2,7 +2,7 @@
 
 On a GPU the encoder stops being the limit and the host work around it decides the rate.
 This measures that work without a GPU: ``pipeline extract``'s own pipeline
-(stages.hostpath: DataLoader workers, shard buffers, writer threads, a real store) runs
+(stages.extract.hostpath: DataLoader workers, shard buffers, writer threads, a real store) runs
 with an encoder that returns a fixed embedding at once (or sleeps a given "GPU time" per
 image first), on real images (../shared/datasets when present, else phantoms), at 1024 px
 (SAM) and 256 px (LiteMedSAM) inputs. Reported:
@@ -127,7 +127,7 @@ def _per_image(fn, items, repeats: int = 1) -> float:
 
 def _store(work: Path, name: str, ds, enc, shard: int):
     from cache import StoreWriter, make_signature
-    from stages.extract import listing_of
+    from stages.extract.config import listing_of
 
     sig = make_signature(encoder=enc.name, checkpoint_sha256=enc.checkpoint_sha256, img_size=enc.img_size,
                          preprocessing={}, precision="fp32", dataset_kind=ds.kind,
@@ -139,7 +139,7 @@ def _store(work: Path, name: str, ds, enc, shard: int):
 def phases(work: Path, ds, size: int, batch: int, shard: int) -> dict[str, float]:
     """Core-seconds per image of each phase, each alone on this thread."""
     from cache.schema import EMBED_SHAPE
-    from stages.hostpath import _collate
+    from stages.extract.hostpath import collate_prepared
 
     n = len(ds)
     enc = null_encoder(size, batch)
@@ -157,7 +157,7 @@ def phases(work: Path, ds, size: int, batch: int, shard: int) -> dict[str, float
         h, w = [r.shape[0] for r in raw[:batch]], [r.shape[1] for r in raw[:batch]]
         f["normalise on the device (here: CPU)"] = _per_image(lambda b: enc.finish(b, h, w), [torch.stack(u8)]) / batch
 
-    class _Worker:  # _collate's shared-memory branch runs where get_worker_info() is set
+    class _Worker:  # collate_prepared's shared-memory branch runs where get_worker_info() is set
         id, num_workers, seed, dataset = 0, 1, 0, None
 
     import torch.utils.data._utils.worker as wmod
@@ -165,9 +165,9 @@ def phases(work: Path, ds, size: int, batch: int, shard: int) -> dict[str, float
     items = [(i, c, 1, 1, "", "") for i, c in enumerate(canv)]
     wmod._worker_info = _Worker()
     try:
-        f["collate into shared memory (float32)"] = _per_image(_collate, [items] * 3) / batch
+        f["collate into shared memory (float32)"] = _per_image(collate_prepared, [items] * 3) / batch
         if host is not None:
-            f["collate into shared memory (uint8)"] = _per_image(_collate, [[(*it[:1], u, *it[2:]) for it, u in
+            f["collate into shared memory (uint8)"] = _per_image(collate_prepared, [[(*it[:1], u, *it[2:]) for it, u in
                                                                               zip(items, u8)]] * 3) / batch
     finally:
         wmod._worker_info = None
@@ -208,11 +208,11 @@ def phases(work: Path, ds, size: int, batch: int, shard: int) -> dict[str, float
 
 def end_to_end(work: Path, ds, size: int, batch: int, shard: int, workers: int, sleep_s: float,
                device: torch.device, writers: int = 0) -> tuple[float, float]:
-    """(wall seconds, encoder seconds) of the real pipeline (stages.hostpath.run_shards,
+    """(wall seconds, encoder seconds) of the real pipeline (stages.extract.hostpath.run_shards,
     the path extract takes on ``device``) with the null encoder. The sleep blocks the main
     thread (a real GPU forward would return at once and overlap more): conservative."""
-    from stages.extract import shard_batches
-    from stages.hostpath import make_loader, prepared, run_shards
+    from stages.extract.hostpath import make_loader, prepared, run_shards
+    from stages.extract.steps import shard_batches
 
     enc = null_encoder(size, batch, sleep_s).to(device)
     w = _store(work, f"e2e{size}.zarr", ds, enc, shard)
@@ -229,12 +229,12 @@ def _defaults_on(cores: int) -> tuple[int, int]:
     """(decode workers, writer threads) that extract picks for CUDA on a host of ``cores``."""
     import os
 
-    from stages.hostpath import default_workers, default_writers
+    from stages.extract.hostpath import decode_workers, default_writers
 
     real = os.cpu_count
     os.cpu_count = lambda: cores
     try:
-        return default_workers(torch.device("cuda")), default_writers(torch.device("cuda"))
+        return decode_workers(torch.device("cuda")), default_writers(torch.device("cuda"))
     finally:
         os.cpu_count = real
 
@@ -277,15 +277,15 @@ def projection(f: dict[str, float], plan: str) -> list[tuple[str, float, int, fl
 
 
 def bookkeeping(batch: int) -> float:
-    """Main-thread seconds per image of the shard-buffer bookkeeping (``_fill``'s Python
+    """Main-thread seconds per image of the shard-buffer bookkeeping (``fill_shard_buffer``'s Python
     loop, a tiny copy), what remains on the main thread on a GPU besides kernel launches."""
-    from stages.hostpath import _fill
+    from stages.extract.hostpath import fill_shard_buffer
 
     emb = torch.zeros(batch, 1)
 
     def one(_):
         buf = {"emb": torch.zeros(batch, 1), "h": [], "w": [], "hash": [], "failed": [], "filled": 0}
-        _fill(buf, list(range(batch)), emb, [1] * batch, [1] * batch, [""] * batch, [""] * batch, {}, None, False)
+        fill_shard_buffer(buf, list(range(batch)), emb, [1] * batch, [1] * batch, [""] * batch, [""] * batch, {}, None, False)
 
     return _per_image(one, range(20)) / batch
 
@@ -293,10 +293,9 @@ def bookkeeping(batch: int) -> float:
 def section(b, sizes=(1024, 256)) -> str:
     """Run section 7 for bench_extract's ``Bench`` ``b``; returns its report text."""
     from benchmarks._util import note, table
+    from stages.common.runtime import tune_allocator
     from stages.datasets import open_dataset
-    from stages.hostpath import default_workers
-
-    from stages.runtime import tune_allocator
+    from stages.extract.hostpath import decode_workers
 
     tune_allocator()  # extract's process settings: large buffers reuse heap memory
     a, work = b.a, b.work
@@ -308,13 +307,13 @@ def section(b, sizes=(1024, 256)) -> str:
         ds = open_dataset("imagefolder", str(root))
         for size in sizes:
             note(f"7. host path: {kind} at {size}")
-            from stages.extract import torch_threads
+            from stages.extract.steps import torch_threads
 
             with torch_threads(1):  # every phase on this one thread: CPU time = core time
                 f = phases(work, ds, size, batch, shard)
                 f["bookkeeping (fill loop, main thread)"] = bookkeeping(batch)
             dev = b.device
-            cpu_workers = a.workers if a.workers >= 0 else default_workers(dev)
+            cpu_workers = a.workers if a.workers >= 0 else decode_workers(dev)
             # CPU: small batches and shards, so that a few dozen images make a pipeline
             eb, es = (32, 32) if dev.type == "cuda" else (8, 16)
             wall, _ = end_to_end(work, ds, size, eb, es, cpu_workers, 0.0, dev)

@@ -73,7 +73,7 @@ def make_subset(src: Path, dst: Path, per_class: dict[str, int], test_limit: int
 def run_models(args, store: str, out: Path) -> dict:
     """Every model x fraction x seed through ``pipeline compare``'s implementation (finished
     runs in ``out`` reused, an interrupted one resumed)."""
-    from stages.compare import CompareConfig, run_compare
+    from stages.classify.compare import CompareConfig, run_compare
 
     options = dict(backbone=args.backbone, img_size=args.img_size, epochs=args.epochs, patience=args.patience,
                    batch_size=args.batch_size, in_memory=args.in_memory)
@@ -84,16 +84,16 @@ def run_models(args, store: str, out: Path) -> dict:
 
 def time_epochs(args, store: str) -> dict:
     """Seconds of one slca training epoch: embeddings from the cache vs from the encoder."""
+    from stages.classify.config import ClassifyConfig, model_kwargs
+    from stages.classify.data import ClassifyData, make_loader
+    from stages.classify.train import ClassifyTrainer, model_record, prepare
+    from stages.common.runtime import amp_dtype_for, resolve_device, resolve_precision
+    from stages.common.training import Amp, seed_everything
     from stages.encoders import build_encoder
-    from stages.runtime import amp_dtype_for, resolve_device, resolve_precision
-    from stages.train import ClassifyConfig
-    from stages.train.classify import model_kwargs, prepare, train_epoch
-    from stages.train.data import ClassifyData, make_loader
-    from stages.train.loop import Amp, cosine_schedule, make_optimizer, seed_everything
     from stages.models import create_model
 
     cfg = ClassifyConfig(store=store, out="", model="slca", backbone=args.backbone, img_size=args.img_size,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, augment="none", epochs=1, warmup_epochs=0)
     prep = prepare(cfg)
     rows = prep.splits["train"][: args.timing_samples or None]
     device = resolve_device("auto")
@@ -114,12 +114,11 @@ def time_epochs(args, store: str) -> dict:
         net = create_model("slca", **model_kwargs(cfg, len(prep.classes), prep.img_size)).to(device)
         data = ClassifyData(prep.joined, rows, prep.img_size, True, need_sam)
         loader = make_loader(data, cfg.batch_size, True, 0, 0, st.shard_size)
-        opt = make_optimizer(net, cfg.lr, cfg.weight_decay)
-        sched = cosine_schedule(opt, len(loader))
-        crit = torch.nn.CrossEntropyLoss()
+        # the training step of `pipeline train` itself; nothing is written (no fit(), no out)
+        trainer = ClassifyTrainer(cfg, net, prep, loader, loader, Path("."), model_record(cfg, prep), amp, device,
+                                  progress=False, sam_fn=fn)
         t = time.perf_counter()
-        train_epoch(net, loader, opt, sched, amp, crit, device, (), torch.Generator().manual_seed(0), 0, None,
-                    sam_fn=fn)
+        trainer.train_epoch(0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         out[name] = time.perf_counter() - t
@@ -177,7 +176,7 @@ def main() -> None:
 
     print(f"PneumoniaMNIST {'full' if whole else 'subset ' + src.parent.name}, backbone {args.backbone} at "
           f"{args.img_size}px, {args.epochs} epochs (patience {args.patience}), encoder {res.encoder} on {res.device}")
-    from stages.compare import format_table
+    from stages.classify.compare import format_table
 
     print(format_table(compared["summary"], "backbone" in args.models))
     if timing:

@@ -58,7 +58,6 @@ from benchmarks._util import (  # noqa: E402
     timed,
 )
 
-
 # section number -> "module:function" taking the Bench and returning its report text
 EXTRA_SECTIONS: dict[str, str] = {
     "7": "benchmarks._hostpath:section",
@@ -100,7 +99,11 @@ class Bench:
     def __init__(self, args):
         import torch
 
-        from stages.runtime import amp_dtype_for, resolve_device, resolve_precision
+        from stages.common.runtime import (
+            amp_dtype_for,
+            resolve_device,
+            resolve_precision,
+        )
 
         self.a = args
         self.work = Path(args.work or tempfile.mkdtemp(prefix="bench_extract_"))
@@ -128,7 +131,7 @@ class Bench:
         return ExtractConfig(**kw)
 
     def encoder(self):
-        from stages.extract import make_encoder
+        from stages.extract.steps import make_encoder
 
         if not hasattr(self, "_enc"):
             self._enc = make_encoder(self.cfg(Path("."), Path(".")), self.device)
@@ -140,7 +143,9 @@ class Bench:
 
         from cache import DEFAULT_SHARD, shard_ranges
         from stages.datasets import open_dataset
-        from stages.extract import default_batch_size, extract, shard_batches, stream_plan, torch_threads
+        from stages.extract import extract
+        from stages.extract.hostpath import default_batch_size, stream_plan
+        from stages.extract.steps import shard_batches, torch_threads
 
         root, n = make_data(self.work / f"syn{self.a.n}", self.a.n, self.a.size)
         ds = open_dataset("synthetic", root)
@@ -251,7 +256,7 @@ class Bench:
         """The reference code, one image at a time, fp32, each embedding np.save'd."""
         import torch
 
-        from stages.extract import torch_threads
+        from stages.extract.steps import torch_threads
 
         out = self.work / "naive"
         out.mkdir(exist_ok=True)
@@ -372,7 +377,7 @@ class Bench:
 
         from cache import FeatureStore
         from stages.datasets import open_dataset
-        from stages.extract import torch_threads
+        from stages.extract.steps import torch_threads
 
         s = FeatureStore(str(url))
         ds = open_dataset("synthetic", root)

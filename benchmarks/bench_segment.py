@@ -118,7 +118,9 @@ def main() -> None:
     a = parse()
     import torch
 
-    from stages.segment import SegmentConfig, SegmentData, train_segmentation
+    from stages.segment.config import SegmentConfig
+    from stages.segment.data import SegmentData
+    from stages.segment.train import train_segmentation
 
     t_start = time.perf_counter()
     ensure_store(a.store, a.data_root)

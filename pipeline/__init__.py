@@ -1,2 +1,2 @@
-"""The `pipeline` command line (Typer): one module per group of commands, registered on
-``app.app``."""
+"""The `pipeline` command line (Typer): one ``cmd_<name>.py`` module per command, registered on
+``app.app``; the options several commands share are in ``options``."""

@@ -20,12 +20,16 @@ F = TypeVar("F", bound=Callable)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input: one line on stderr, exit code 2, no traceback."""
-    from cache import StoreError
-    from stages.datasets import DatasetError
-    from stages.encoders.base import EncoderError
+    """Exceptions that mean bad input: one line on stderr, exit code 2, no traceback.
 
-    return (DatasetError, EncoderError, StoreError, ValueError, FileNotFoundError)
+    The dataset and encoder errors (``stages.datasets.DatasetError``,
+    ``stages.encoders.EncoderError``) are ValueErrors, so ValueError covers them without
+    importing those packages here: that import would load every dataset reader and encoder
+    for every command, and make every DVC stage depend on them (tests/test_dvc_deps.py).
+    """
+    from cache import StoreError
+
+    return (StoreError, ValueError, FileNotFoundError)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from stages import compare as cmp
-from stages.compare import CompareConfig, parse_variant, run_compare
-from stages.train import classify as classify_mod
-from stages.train.loop import load_checkpoint
 from toy_store import make_toy
+
+from stages.classify import train as classify_mod
+from stages.classify import compare as cmp
+from stages.classify.compare import CompareConfig, parse_variant, run_compare
+from stages.common.training import load_checkpoint
 
 FAST = dict(backbone="resnet10t", img_size=32, batch_size=8, workers=0, epochs=1, precise_bn=0)
 

@@ -4,7 +4,7 @@ store, byte for byte, as one process; an interrupted run resumes per partition.
 The encoder is a tiny random SAM ViT (tests/tiny_sam.py): it runs the real SAM code
 path, is faster than LiteMedSAM on this CPU, and its float32 results do not depend on
 the torch thread count (LiteMedSAM's oneDNN convolutions do, in the last bit; see
-stages/distributed.py), so the 1-thread workers can be compared with a 2-thread run.
+stages/extract/distributed.py), so the 1-thread workers can be compared with a 2-thread run.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from tiny_sam import make_tiny_sam_checkpoint
 
 from cache import FeatureStore, IncompleteStoreError
 from stages.datasets import make_synthetic
-from stages.distributed import extract_distributed, partition_size, partitions
 from stages.extract import ExtractConfig, extract
+from stages.extract.distributed import extract_distributed, partition_size, partitions
 
 distributed = pytest.importorskip("distributed")
 
@@ -78,7 +78,7 @@ def test_two_workers_write_the_single_process_store(setup, cluster, tmp_path):
     assert_same_store(ref, str(out))
     # both worker processes took part (each built and cached the dataset and encoder)
     with distributed.Client(cluster) as client:
-        cached = client.run(lambda: len(__import__("stages.distributed", fromlist=["_CACHE"])._CACHE))
+        cached = client.run(lambda: len(__import__("stages.extract.distributed", fromlist=["_CACHE"])._CACHE))
     assert sorted(cached.values()) == [2, 2]
     attrs = json.loads((out / "zarr.json").read_text())["attributes"]
     assert attrs["complete"] is True and attrs["device"] == "cpu"

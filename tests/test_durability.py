@@ -13,9 +13,8 @@ import pytest
 import zarr
 import zarr.storage._local as zlocal
 
-from cache import FeatureStore, Listing, StoreWriter, make_signature
+from cache import FeatureStore, Listing, StoreWriter, make_signature, shardwrite
 from cache import io as store_io
-from cache import shardwrite
 
 
 class Recorder:
@@ -95,8 +94,9 @@ def test_shard_and_its_rename_are_on_disk_before_done_and_complete(tmp_path, mon
 def test_extract_orders_every_shard_before_its_done_flag(tmp_path, monkeypatch):
     """The real stage-one path (writer thread, tiny random-weight encoder)."""
     from PIL import Image
-    from stages.extract import ExtractConfig, extract
     from tiny_sam import make_tiny_sam_checkpoint
+
+    from stages.extract import ExtractConfig, extract
 
     ckpt = make_tiny_sam_checkpoint(tmp_path / "sam16.pth", embed_dim=16, depth=1, global_attn=(0,), num_heads=1)
     for i in range(6):

@@ -13,7 +13,6 @@ import ast
 import inspect
 import os
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -60,7 +59,7 @@ def with_parents(name: str) -> list[str]:
 
 
 def is_command_module(name: str) -> bool:
-    return name.startswith("pipeline.cli_")
+    return name.startswith("pipeline.cmd_")  # pipeline/cmd_<command>.py, one per command
 
 
 def closure(roots: set[str]) -> set[Path]:
@@ -83,14 +82,15 @@ def closure(roots: set[str]) -> set[Path]:
 
 def command_roots(command: str) -> set[str]:
     """What running ``pipeline <command>`` can import: the entry module (which imports every
-    CLI module) plus the imports inside the command's own function."""
+    CLI module's top level) plus every import anywhere in the command's own module (one
+    module per command: its helpers run for it alone)."""
     from pipeline.cli import app
 
     match = [c for c in app.registered_commands if (c.name or c.callback.__name__.replace("_", "-")) == command]
     assert match, f"dvc.yaml runs `pipeline {command}`, which the CLI does not have"
-    fn = inspect.unwrap(match[0].callback)
-    body = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    return {"pipeline.cli"} | imports_of(body, fn.__module__, False)
+    module = inspect.unwrap(match[0].callback).__module__
+    tree = ast.parse(module_file(module).read_text())
+    return {"pipeline.cli"} | imports_of(tree, module, False)
 
 
 def stage_commands(stage: dict) -> list[str]:
@@ -115,11 +115,22 @@ def test_stage_deps_cover_the_import_closure(name: str, stage: dict) -> None:
 
 
 def test_closure_follows_lazy_and_relative_imports() -> None:
-    # the train command imports stages.train lazily; stages.train's modules import each other relatively
+    # the train command imports stages.classify lazily, and through it stages.common
     files = closure(command_roots("train"))
-    assert Path("stages/train/classify.py") in files
+    assert Path("stages/classify/train.py") in files
     assert Path("cache/writer.py") in files  # through `from cache import ...` in a lazily imported module
-    assert Path("pipeline/cli_report.py") in files  # the entry point imports every CLI module
+    assert Path("pipeline/cmd_report.py") in files  # the entry point imports every CLI module
+    assert Path("stages/common/training.py") in files
+
+
+def test_a_command_depends_only_on_what_it_runs() -> None:
+    # the report reads JSON summaries: no dataset reader, encoder or torch model code
+    files = closure(command_roots("report"))
+    assert Path("stages/report.py") in files
+    heavy = sorted(str(f) for f in files if f.parts[:2] in (("stages", "datasets"), ("stages", "encoders"),
+                                                              ("stages", "classify"), ("stages", "models")))
+    assert not heavy, f"`pipeline report` imports {heavy}"
+    assert Path("stages/classify/train.py") not in closure(command_roots("extract"))
 
 
 @pytest.mark.dvc

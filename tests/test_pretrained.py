@@ -16,8 +16,8 @@ import pytest
 import timm
 import torch
 
+from stages.common.training import load_checkpoint
 from stages.models import create_model
-from stages.train.loop import load_checkpoint
 
 HUB_ID = timm.models.get_pretrained_cfg("resnet18").hf_hub_id  # timm/resnet18.a1_in1k
 
@@ -169,7 +169,7 @@ def test_cli_trains_from_a_weights_file_and_the_model_reloads_without_it(synthet
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--task", "segment", "--head", "linear", "--pretrained"], "only --task classify"),
+    (["--task", "segment", "--head", "linear", "--pretrained"], "--pretrained: not an option of --task segment"),
     (["--model", "probe", "--pretrained"], "--model probe has no timm backbone"),
     (["--model", "slca", "--pretrained", "--backbone-weights", "w.pth"], "both given"),
     (["--model", "slca", "--backbone", "nope_net", "--pretrained"], "unknown timm backbone 'nope_net'"),

@@ -32,7 +32,8 @@ from pipeline.cli import app
 from stages.datasets import open_dataset
 from stages.encoders import build_encoder
 from stages.encoders.base import Encoder
-from stages.extract import failures_report_path, forward_resilient
+from stages.extract.failures import failures_report_path
+from stages.extract.hostpath import forward_resilient
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -339,7 +340,7 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_store(tmp_path, syn
         while time.time() < deadline and proc.poll() is None and n_shards_written(out) < start + extra:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.3))
-        assert proc.poll() is None, f"seed {seed}: run ended before kill at {target}: {proc.stderr.read()}"
+        assert proc.poll() is None, f"seed {seed}: run ended before kill {extra} shards on: {proc.stderr.read()}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
@@ -514,36 +515,41 @@ def test_cuda_oom_retries_in_smaller_batches(capsys):
 
 # --- training: NaN guard and resume (segmentation; classification has its own test) ----------
 
-def test_segmentation_nan_loss_keeps_last_good_checkpoint_then_resumes(tmp_path):
-    """The NaN comes from the data: the cached embeddings of the training rows are
-    overwritten with NaN after epoch 1 (a corrupted cache), through the real loss."""
+def test_segmentation_nan_loss_keeps_last_good_checkpoint_then_resumes(tmp_path, monkeypatch):
+    """The NaN comes from the data: right after epoch 1's optimizer steps the cached
+    embeddings are overwritten with NaN (a corrupted cache, through the trainer's own
+    after-epoch hook), so epoch 2's real loss is NaN. Resuming after the store is repaired
+    continues from epoch 1's state (``epoch`` counts finished epochs, as for classification)."""
     import zarr
-
-    from stages.segment import SegmentConfig, train_segmentation
-    from stages.train.loop import TrainingError, load_checkpoint
     from test_segment import make_acdc, write_store
+
+    from stages.common.training import TrainingError, load_checkpoint
+    from stages.segment.config import SegmentConfig
+    from stages.segment.train import SegmentTrainer, train_segmentation
 
     root = make_acdc(tmp_path / "acdc", train_vols=2, val_vols=1, slices=2, shape=(32, 32))
     store = write_store(open_dataset("acdc-h5", root), str(tmp_path / "acdc.zarr"))
     out = tmp_path / "run"
-
-    def cfg(epochs: int, resume: bool) -> SegmentConfig:
-        return SegmentConfig(store=store, data_root=str(root), dataset="acdc-h5", out=str(out), head="linear",
-                             epochs=epochs, batch_size=4, lr=5e-3, device="cpu", progress=False, overlays=0,
-                             resume=resume)
-
-    train_segmentation(cfg(1, False))
-    ckpt = out / "last.pt"
-    good = ckpt.read_bytes()
+    cfg = SegmentConfig(store=store, data_root=str(root), dataset="acdc-h5", out=str(out), head="linear",
+                        epochs=2, batch_size=4, lr=5e-3, device="cpu", progress=False, overlays=0, workers=0)
     emb = zarr.open_group(store, mode="r+")["embeddings"]
     clean = emb[:]
-    emb[:] = np.full(emb.shape, np.nan, np.float16)
+
+    def corrupt_after_first(self, epoch: int) -> None:
+        if epoch == 0:
+            emb[:] = np.full(emb.shape, np.nan, np.float16)
+
+    monkeypatch.setattr(SegmentTrainer, "after_epoch", corrupt_after_first)
+    ckpt = out / "last.pt"
     with pytest.raises(TrainingError, match=rf"loss became nan at epoch 2.*last good checkpoint is {ckpt}.*--resume"):
-        train_segmentation(cfg(2, True))
-    assert ckpt.read_bytes() == good and load_checkpoint(ckpt)["epoch"] == 0  # epoch 1's state, intact
+        train_segmentation(cfg)
+    good = load_checkpoint(ckpt)
+    assert good["epoch"] == 1 and not good["finished"]  # epoch 1's state, intact
+    assert all(torch.isfinite(v).all() for v in good["state_dict"].values() if v.is_floating_point())
+    monkeypatch.undo()
     emb[:] = clean
-    m = train_segmentation(cfg(2, True))
-    assert m["epochs_run"] == 2 and load_checkpoint(ckpt)["epoch"] == 1
+    m = train_segmentation(SegmentConfig(**{**cfg.to_dict(), "resume": True}))
+    assert m["epochs_run"] == 2 and load_checkpoint(ckpt)["epoch"] == 2 and load_checkpoint(ckpt)["finished"]
 
 
 class _Payload:

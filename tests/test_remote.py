@@ -5,10 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import s3fs
-
-from cache import FeatureStore, IncompleteStoreError, Listing, StoreWriter, make_signature
-from cache.hdf5 import export_hdf5, import_hdf5
 from s3_server import moto_s3
+
+from cache import (
+    FeatureStore,
+    IncompleteStoreError,
+    Listing,
+    StoreWriter,
+    make_signature,
+)
+from cache.hdf5 import export_hdf5, import_hdf5
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from s3_server import moto_s3
 from typer.testing import CliRunner
 
 from cache import FeatureStore, Listing, StoreWriter, make_signature
 from cache.hdf5 import export_hdf5
-from cache.ownership import ForeignPathError, prepare_run_folder, remove_store, store_state
+from cache.ownership import (
+    ForeignPathError,
+    prepare_run_folder,
+    remove_store,
+    store_state,
+)
 from pipeline.cli import app
-from s3_server import moto_s3
 
 runner = CliRunner()
 
@@ -287,7 +292,7 @@ def test_summarize_and_report_replace_their_own_files_only(probe_run, tmp_path, 
 
 
 def test_failures_report_never_replaces_a_foreign_file(tmp_path):
-    from stages.extract import write_failures_report
+    from stages.extract.failures import write_failures_report
 
     url = str(tmp_path / "s.zarr")
     report = tmp_path / "s.zarr.failures.csv"

@@ -15,19 +15,26 @@ import torch
 
 from cache import SignatureMismatchError, StoreError, StoreWriter, make_signature
 from stages.datasets import open_dataset
-from stages.extract import listing_of
-from stages.segment import SegmentConfig, evaluate_segmentation, train_segmentation
+from stages.extract.config import listing_of
+from stages.segment.config import SegmentConfig
+from stages.segment.evaluate import evaluate_segmentation
+from stages.segment.train import train_segmentation
 from stages.segment.data import (
     IGNORE,
     SegmentData,
     canvas_shape,
     label_to_canvas,
     logits_to_raw,
-    order_volumes,
-    select_training,
 )
+from stages.common.splits import order_volumes, select_training
 from stages.segment.losses import segmentation_loss, soft_dice_loss
-from stages.segment.metrics import case_metrics, dice_iou, evaluate_predictions, hd95, stack_volumes
+from stages.segment.metrics import (
+    case_metrics,
+    dice_iou,
+    evaluate_predictions,
+    hd95,
+    stack_volumes,
+)
 
 # --- metrics, by hand ---------------------------------------------------------------
 
@@ -243,13 +250,13 @@ def test_labelled_volumes_are_nested_and_from_distinct_patients(acdc):
     root, store = acdc
     data = SegmentData(store, "acdc-h5", str(root))
     train = data.split_indices("train")
-    one, vols1 = select_training(data, train, 1, 1.0, seed=0)
-    two, vols2 = select_training(data, train, 2, 1.0, seed=0)
+    one, vols1 = select_training(data.groups, train, 1, 1.0, seed=0)
+    two, vols2 = select_training(data.groups, train, 2, 1.0, seed=0)
     assert len(vols1) == 1 and len(one) == 3 and set(vols1) < set(vols2) and set(one) < set(two)
     with pytest.raises(ValueError, match="only 3 volumes"):
-        select_training(data, train, 5, 1.0, seed=0)
+        select_training(data.groups, train, 5, 1.0, seed=0)
     with pytest.raises(ValueError, match="use one of them"):
-        select_training(data, train, 1, 0.5, seed=0)
+        select_training(data.groups, train, 1, 0.5, seed=0)
 
 
 def _cfg(root, store, out, **kw) -> SegmentConfig:
@@ -277,12 +284,14 @@ def test_train_end_to_end_writes_outputs_and_learns(acdc, tmp_path):
     ev = evaluate_segmentation(out / "model.pt", store, str(root), "acdc-h5", tmp_path / "eval", device="cpu",
                                overlays=0)
     assert ev["splits"]["val"]["mean_dice"] == pytest.approx(val["mean_dice"])
-    # resume: two more epochs continue from the checkpoint, history keeps the first four
-    m2 = train_segmentation(_cfg(root, store, out, epochs=6, resume=True))
-    assert m2["epochs_run"] == 6
-    assert [r["epoch"] for r in csv.DictReader(open(out / "history.csv"))] == [str(e) for e in range(1, 7)]
-    with pytest.raises(ValueError, match="cannot resume"):
-        train_segmentation(_cfg(root, store, out, epochs=7, resume=True, lr=1e-3))
+    # resume (as for classification): a finished run is not trained again and keeps its
+    # history; other training settings (here --epochs, --lr) are another run, refused
+    m2 = train_segmentation(_cfg(root, store, out, epochs=4, resume=True))
+    assert m2["epochs_run"] == 4 and m2["splits"]["val"]["mean_dice"] == pytest.approx(val["mean_dice"])
+    assert [r["epoch"] for r in csv.DictReader(open(out / "history.csv"))] == ["1", "2", "3", "4"]
+    for changed in (dict(epochs=6), dict(lr=1e-3)):
+        with pytest.raises(ValueError, match="cannot resume"):
+            train_segmentation(_cfg(root, store, out, **{"epochs": 4, **changed}, resume=True))
 
 
 def test_unet_and_labelled_volumes(acdc, tmp_path):
@@ -302,11 +311,12 @@ def test_mismatched_store_and_changed_image_are_refused(acdc, tmp_path):
     make_synthetic(syn, n_per_class=1, size=64)
     sds = open_dataset("synthetic", syn)
     other = write_store(sds, str(tmp_path / "syn.zarr"), np.zeros((len(sds), 256, 64, 64), np.float32))
-    with pytest.raises(SignatureMismatchError, match="'synthetic' dataset, not 'acdc-h5'"):
+    # (one check for both tasks: stages.common.joined.check_match)
+    with pytest.raises(SignatureMismatchError, match="dataset kind: store 'synthetic', dataset 'acdc-h5'"):
         train_segmentation(_cfg(root, other, tmp_path / "a"))
-    # a store that lacks samples of the dataset
+    # a store that lacks samples of the dataset, and one listed differently
     copy = make_acdc(tmp_path / "acdc2", train_vols=4)
-    with pytest.raises(StoreError, match="not in the store"):
+    with pytest.raises(StoreError, match="dataset ids not in the store"):
         SegmentData(store, "acdc-h5", str(copy))
     # an image changed after extraction
     root2 = make_acdc(tmp_path / "acdc3")
@@ -326,7 +336,7 @@ def test_bad_options_are_refused(acdc, tmp_path):
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error(tmp_path):
-    from stages.train.loop import TrainingError
+    from stages.common.training import TrainingError
 
     root = make_acdc(tmp_path / "acdc", train_vols=1, val_vols=1, slices=2)
     ds = open_dataset("acdc-h5", root)
@@ -348,7 +358,7 @@ def test_train_on_a_real_litemedsam_store_of_2d_images(synthetic_root, synthetic
     assert "test" in m["splits"] and len(m["overlays"]) == 1
     saved = torch.load(tmp_path / "syn" / "model.pt", weights_only=True)
     assert saved["task"] == "segment" and saved["head"] == "linear" and saved["input_kind"] == "features"
-    assert saved["store_signature"]["encoder"] == "litemedsam" and saved["mask_classes"] == ["background", "lesion"]
+    assert saved["store"]["signature"]["encoder"] == "litemedsam" and saved["mask_classes"] == ["background", "lesion"]
     with pytest.raises(ValueError, match="needs a volumetric dataset"):
         train_segmentation(SegmentConfig(**{**cfg.to_dict(), "labeled_volumes": 1, "out": str(tmp_path / "x")}))
 

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache import FeatureStore, Listing, StoreWriter, make_signature, quantize, shardwrite
+from cache import (
+    FeatureStore,
+    Listing,
+    StoreWriter,
+    make_signature,
+    quantize,
+    shardwrite,
+)
 from cache.schema import EMBEDDINGS, SCALE
 
 
@@ -89,7 +96,9 @@ def test_empty_test_is_zarrs_bitwise_one():
     x[3, 0, 0] = np.float16(6e-8)  # the smallest subnormal: one bit set
     x[4, 3, 3] = -0.0
     assert shardwrite.nonempty(x).tolist() == [False, True, True, True, True, False]
-    from zarr.core.buffer.cpu import NDBuffer  # zarr's own test, against the fill value 0.0
+    from zarr.core.buffer.cpu import (
+        NDBuffer,  # zarr's own test, against the fill value 0.0
+    )
 
     assert [not NDBuffer.from_numpy_array(r).all_equal(np.float16(0)) for r in x] == shardwrite.nonempty(x).tolist()
     y = np.zeros((3, 3), np.int8)  # 3 bytes a row: no wider word divides it

@@ -12,22 +12,18 @@ import numpy as np
 import pytest
 import torch
 from sklearn import metrics as skm
+from toy_store import make_toy
 
 from cache import FeatureStore, SignatureMismatchError, StoreError
-from stages.train import ClassifyConfig, TrainingError, train_classifier
-from stages.train import classify as classify_mod
-from stages.train.augment import augment
-from stages.train.data import (
-    ShardBatchSampler,
-    assign_splits,
-    auto_img_size,
-    open_joined,
-    prepare_image,
-    subsample,
-)
-from stages.train.loop import load_checkpoint
-from stages.train.metrics import classification_metrics
-from toy_store import make_toy
+from stages.classify.train import ClassifyConfig, train_classifier
+from stages.common.training import TrainingError
+from stages.classify import train as classify_mod
+from stages.classify.augment import augment
+from stages.classify.data import ShardBatchSampler, auto_img_size, prepare_image
+from stages.classify.metrics import classification_metrics
+from stages.common.joined import open_joined
+from stages.common.splits import assign_splits, subsample
+from stages.common.training import load_checkpoint
 
 FAST = dict(backbone="resnet10t", img_size=32, batch_size=8, workers=0, epochs=2, plots=False)
 
@@ -78,7 +74,7 @@ def test_every_model_kind_trains_and_writes_its_outputs(toy, tmp_path, model):
     assert ck["store"]["signature"] == FeatureStore(url).signature
     assert ck["config"]["model"] == model
     # evaluate re-scores the saved model to the same test metrics
-    from stages.evaluate import evaluate_classifier
+    from stages.classify.evaluate import evaluate_classifier
 
     again = evaluate_classifier(tmp_path / "model.pt", url, dataset=ds, progress=False)
     for k in ("accuracy", "auc", "f1_macro"):
@@ -317,8 +313,7 @@ def test_precise_bn_sets_the_running_statistics_to_the_training_average():
     """After precise_bn, eval-mode BatchNorm uses the plain mean/variance of the training
     batches (not a lagging momentum average), the momentum is restored, and the loop
     stops after max_samples."""
-    from stages.train.loop import Amp
-    from stages.train.scoring import precise_bn
+    from stages.common.training import Amp, precise_bn
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -332,11 +327,16 @@ def test_precise_bn_sets_the_running_statistics_to_the_training_average():
     batches = [{"image": torch.randn(4, 3, 5, 5, generator=g) * 3 + 2, "sam": None, "label": torch.zeros(4)}
                for _ in range(3)]
     net, amp = Net(), Amp(torch.device("cpu"), "fp32")
-    assert precise_bn(net, batches, torch.device("cpu"), amp, 8) == 8  # two batches
+
+    def forward(batch) -> int:
+        net(batch["image"], batch["sam"])
+        return len(batch["label"])
+
+    assert precise_bn(net, batches, forward, amp, 8) == 8  # two batches
     x = torch.cat([b["image"] for b in batches[:2]])
     torch.testing.assert_close(net.bn.running_mean, x.mean(dim=(0, 2, 3)))
     per_batch_var = torch.stack([b["image"].var(dim=(0, 2, 3)) for b in batches[:2]])
     torch.testing.assert_close(net.bn.running_var, per_batch_var.mean(0))
     assert net.bn.momentum == 0.1
-    assert precise_bn(net, batches, torch.device("cpu"), amp, 0) == 0
-    assert precise_bn(torch.nn.Linear(2, 2), batches, torch.device("cpu"), amp, 8) == 0
+    assert precise_bn(net, batches, forward, amp, 0) == 0
+    assert precise_bn(torch.nn.Linear(2, 2), batches, forward, amp, 8) == 0

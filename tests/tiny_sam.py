@@ -6,7 +6,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
 
 
 def make_tiny_sam(embed_dim: int = 64, depth: int = 2, global_attn: tuple[int, ...] = (1,), num_heads: int = 2,

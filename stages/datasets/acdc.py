@@ -29,8 +29,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .base import BadImageError, Dataset, DatasetError, Sample
-from .imageio import MAX_PIXELS, check_array
+from stages.datasets.base import BadImageError, Dataset, DatasetError, Sample
+from stages.datasets.imageio import MAX_PIXELS, check_array
+from stages.datasets.registry import register_dataset
 
 MASK_CLASSES = ["background", "RV", "Myo", "LV"]
 _SLICE = re.compile(r"^(?P<vol>.+)_slice_(?P<k>\d+)$")
@@ -165,9 +166,8 @@ def _volume_info(path: Path) -> tuple[int, tuple[float, float, float] | None]:
         raise DatasetError(f"{path}: cannot open HDF5 file ({e}); re-create or remove it") from None
 
 
-def open_acdc(root: str | Path, max_pixels: int = MAX_PIXELS) -> AcdcDataset:
-    """Open a preprocessed ACDC folder (see module docstring)."""
-    root = Path(root)
+def _layout(root: Path) -> tuple[Path, dict[str, Path]]:
+    """(data folder, list files by name) of an ACDC folder, refusing a folder that is not one."""
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder; --data-root must be the ACDC folder holding data/ "
                            "and the .list files")
@@ -179,62 +179,92 @@ def open_acdc(root: str | Path, max_pixels: int = MAX_PIXELS) -> AcdcDataset:
     if not any(p.is_file() for p in lists.values()):
         raise DatasetError(f"{root}: none of train_slices.list, train.list, val.list, test.list exist; "
                            "add the list files")
+    return data, lists
 
-    missing: list[str] = []
-    found: list[tuple[str, str, int, Path, int]] = []  # split, volume, index, file, position in file
-    spacing: dict[str, tuple[float, float, float]] = {}
 
-    def add_volume(split: str, vol: str, where: str) -> None:
-        path = data / f"{vol}.h5"
+@dataclass
+class _Listing:
+    """What the list files name: found slices, missing files (all reported at once), spacing."""
+
+    data: Path
+    missing: list[str] = field(default_factory=list)
+    found: list[tuple[str, str, int, Path, int]] = field(default_factory=list)  # split, volume, index, file, pos
+    spacing: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+
+    def add_volume(self, split: str, vol: str, where: str) -> None:
+        path = self.data / f"{vol}.h5"
         if not path.is_file():
-            missing.append(f"{path.name} ({where})")
+            self.missing.append(f"{path.name} ({where})")
             return
         n, sp = _volume_info(path)
-        found.extend((split, vol, k, path, k) for k in range(n))
+        self.found.extend((split, vol, k, path, k) for k in range(n))
         if sp is not None:
-            spacing[vol] = sp
+            self.spacing[vol] = sp
 
-    if lists["train_slices"].is_file():
-        parsed = []
-        for n, name in _read_list(lists["train_slices"]):
-            m = _SLICE.match(name)
-            if not m:
-                raise DatasetError(f"{lists['train_slices']}: line {n} {name!r} is not a slice name "
-                                   "(<volume>_slice_<K>); fix the list")
-            parsed.append((n, name, m["vol"], int(m["k"])))
-        first = 0 if any(k == 0 for *_, k in parsed) else 1
-        for n, name, vol, k in parsed:
-            path = data / f"{name}.h5"
-            if path.is_file():
-                found.append(("train", vol, k - first, path, -1))
-            else:
-                missing.append(f"{path.name} (train_slices.list line {n})")
-    elif lists["train"].is_file():
-        for n, vol in _read_list(lists["train"]):
-            files = [(int(m["k"]), p) for p in data.glob(f"{vol}_slice_*.h5")
-                     if (m := _SLICE.match(p.stem)) and m["vol"] == vol]
-            if files:
-                first = min(k for k, _ in files)
-                first = 0 if first == 0 else 1
-                found.extend(("train", vol, k - first, p, -1) for k, p in files)
-            else:
-                add_volume("train", vol, f"train.list line {n}")
-    for split in ("val", "test"):
-        if lists[split].is_file():
-            for n, vol in _read_list(lists[split]):
-                add_volume(split, vol, f"{split}.list line {n}")
+
+def _add_train_slices(listing: _Listing, list_path: Path) -> None:
+    """The slice files ``train_slices.list`` names (split train)."""
+    parsed = []
+    for n, name in _read_list(list_path):
+        m = _SLICE.match(name)
+        if not m:
+            raise DatasetError(f"{list_path}: line {n} {name!r} is not a slice name "
+                               "(<volume>_slice_<K>); fix the list")
+        parsed.append((n, name, m["vol"], int(m["k"])))
+    first = 0 if any(k == 0 for *_, k in parsed) else 1
+    for n, name, vol, k in parsed:
+        path = listing.data / f"{name}.h5"
+        if path.is_file():
+            listing.found.append(("train", vol, k - first, path, -1))
+        else:
+            listing.missing.append(f"{path.name} (train_slices.list line {n})")
+
+
+def _add_train_volumes(listing: _Listing, list_path: Path) -> None:
+    """The volumes ``train.list`` names: their slice files, or the volume file itself."""
+    for n, vol in _read_list(list_path):
+        files = [(int(m["k"]), p) for p in listing.data.glob(f"{vol}_slice_*.h5")
+                 if (m := _SLICE.match(p.stem)) and m["vol"] == vol]
+        if files:
+            first = min(k for k, _ in files)
+            first = 0 if first == 0 else 1
+            listing.found.extend(("train", vol, k - first, p, -1) for k, p in files)
+        else:
+            listing.add_volume("train", vol, f"train.list line {n}")
+
+
+def _check_splits(root: Path, listing: _Listing) -> None:
+    """No missing file, and no volume in two splits (that would leak it across train/val/test)."""
+    missing = listing.missing
     if missing:
         raise DatasetError(f"{root}: {len(missing)} listed file(s) missing in data/, first {missing[0]}; "
                            "fix the lists or restore the files")
-
     splits_of: dict[str, set[str]] = {}
-    for split, vol, *_ in found:
+    for split, vol, *_ in listing.found:
         splits_of.setdefault(vol, set()).add(split)
     leaks = sorted(v for v, s in splits_of.items() if len(s) > 1)
     if leaks:
         raise DatasetError(f"{root}: volume {leaks[0]} is listed in several splits {sorted(splits_of[leaks[0]])} "
                            f"({len(leaks)} volume(s)); each volume belongs to one split")
 
+
+@register_dataset("acdc-h5")
+def open_acdc(root: str | Path, max_pixels: int = MAX_PIXELS) -> AcdcDataset:
+    """Open a preprocessed ACDC folder (see module docstring)."""
+    root = Path(root)
+    data, lists = _layout(root)
+    listing = _Listing(data)
+    if lists["train_slices"].is_file():
+        _add_train_slices(listing, lists["train_slices"])
+    elif lists["train"].is_file():
+        _add_train_volumes(listing, lists["train"])
+    for split in ("val", "test"):
+        if lists[split].is_file():
+            for n, vol in _read_list(lists[split]):
+                listing.add_volume(split, vol, f"{split}.list line {n}")
+    _check_splits(root, listing)
+
+    found = listing.found
     order = {"train": 0, "val": 1, "test": 2}
     found.sort(key=lambda e: (order[e[0]], e[1], e[2]))
     width = max(2, max((len(str(e[2])) for e in found), default=2))
@@ -245,7 +275,7 @@ def open_acdc(root: str | Path, max_pixels: int = MAX_PIXELS) -> AcdcDataset:
                  for s, vol, k, _, _ in found],
         classes=[],
         mask_classes=list(MASK_CLASSES),
-        spacing=spacing,
+        spacing=listing.spacing,
         entries=[(p, pos) for *_, p, pos in found],
         max_pixels=max_pixels,
     )

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BadImageError, Dataset
-from .imageio import MAX_PIXELS, image_shape, read_image, read_mask
+from stages.datasets.base import BadImageError, Dataset
+from stages.datasets.imageio import MAX_PIXELS, image_shape, read_image, read_mask
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 

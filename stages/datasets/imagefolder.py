@@ -18,9 +18,10 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from .base import DatasetError, Sample
-from .files import SPLIT_ALIASES, FileDataset
-from .imageio import IMAGE_EXTS, MAX_PIXELS, is_image_file, mask_base
+from stages.datasets.base import DatasetError, Sample
+from stages.datasets.files import SPLIT_ALIASES, FileDataset
+from stages.datasets.imageio import IMAGE_EXTS, MAX_PIXELS, is_image_file, mask_base
+from stages.datasets.registry import register_dataset
 
 _Entry = tuple[Path, tuple[Path, ...]]  # image, its masks (empty when none)
 
@@ -112,6 +113,7 @@ def _scan_class(cdir: Path) -> list[_Entry]:
     return entries
 
 
+@register_dataset("imagefolder")
 def open_imagefolder(root: str | Path, max_pixels: int = MAX_PIXELS) -> FileDataset:
     """Open a folder-per-class dataset (see module docstring for the layouts)."""
     root = Path(root)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .base import BadImageError
+from stages.datasets.base import BadImageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
 MAX_PIXELS = 100_000_000  # default decompression-bomb limit (pixels per image)

@@ -21,11 +21,13 @@ import csv
 import io
 import os
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .base import DatasetError, Sample
-from .files import SPLIT_ALIASES, FileDataset, natural_classes
-from .imageio import MAX_PIXELS
+from stages.datasets.base import DatasetError, Sample
+from stages.datasets.files import SPLIT_ALIASES, FileDataset, natural_classes
+from stages.datasets.imageio import MAX_PIXELS
+from stages.datasets.registry import register_dataset
 
 REQUIRED = ("path", "label")
 _SHOW = 3  # how many offending rows an error message lists
@@ -91,90 +93,109 @@ def _refuse_nul(csv_path: Path, rows) -> None:
                 raise DatasetError(f"{csv_path}: {col} {r[col]!r} on line {line} holds a NUL byte; fix the manifest")
 
 
-def open_csv(
-    root: str | Path,
-    classes: list[str] | None = None,
-    mask_classes: list[str] | None = None,
-    max_pixels: int = MAX_PIXELS,
-    allow_outside_root: bool = False,
-) -> FileDataset:
-    """Open a CSV manifest dataset (see module docstring). ``mask_classes`` defaults to
-    ["background", "lesion"] (binary masks, non-zero = lesion) when there is a mask column."""
-    root = Path(root)
+@dataclass
+class _Problems:
+    """Row problems collected over the whole manifest, so one error can count them all."""
+
+    escaped: list[tuple[int, str]] = field(default_factory=list)
+    missing: list[tuple[int, Path]] = field(default_factory=list)
+    bad_split: list[tuple[int, str]] = field(default_factory=list)
+    no_path: list[int] = field(default_factory=list)
+    no_mask: list[int] = field(default_factory=list)
+
+
+# (line, id, label name, split, group, image, masks); split is None when unknown
+_Entry = tuple[int, str, str, str | None, str, Path, tuple[Path, ...]]
+
+
+def _manifest_path(root: Path) -> Path:
+    """The CSV file ``root`` names: itself, or the ``manifest.csv`` in the folder."""
     if root.is_dir():
         csv_path = root / "manifest.csv"
         if not csv_path.is_file():
             raise DatasetError(f"{root}: no manifest.csv in this folder; pass the CSV file as --data-root "
                                "or create manifest.csv with columns path,label[,split][,mask]")
-    elif root.is_file():
-        csv_path = root
-    else:
-        raise DatasetError(f"{root}: no such file or folder; --data-root must be a CSV manifest "
-                           "or a folder with manifest.csv")
-    base = csv_path.parent
-    base_real = base.resolve()
-    header, rows = _read_csv(csv_path)
-    has_mask = "mask" in header and any(r.get("mask", "") for _, r in rows)
+        return csv_path
+    if root.is_file():
+        return root
+    raise DatasetError(f"{root}: no such file or folder; --data-root must be a CSV manifest "
+                       "or a folder with manifest.csv")
+
+
+def _check_mask_classes(csv_path: Path, has_mask: bool, mask_classes: list[str] | None) -> None:
     if mask_classes is not None and not has_mask:
         raise DatasetError(f"{csv_path}: mask_classes given but the manifest has no mask column; add a mask column")
     if mask_classes is not None and len(mask_classes) < 2:
         raise DatasetError(f"{csv_path}: mask_classes needs background plus at least one class, got {mask_classes}")
 
-    _refuse_nul(csv_path, rows)
-    escaped: list[tuple[int, str]] = []
-    missing: list[tuple[int, Path]] = []
-    bad_split: list[tuple[int, str]] = []
-    no_path: list[int] = []
-    no_mask: list[int] = []
-    entries = []  # (line, id, label name, split, group, image, masks)
+
+def _row_masks(line: int, mcell: str, base: Path, base_real: Path, allow_outside: bool,
+               problems: _Problems) -> tuple[Path, ...]:
+    """The mask of one row (a 1-tuple), or () after recording why it has none."""
+    mgot = _resolve(mcell, base, base_real, allow_outside) if mcell else None
+    if not mcell:
+        problems.no_mask.append(line)
+    elif mgot is None:
+        problems.escaped.append((line, mcell))
+    else:
+        if not mgot[0].is_file():
+            problems.missing.append((line, mgot[0]))
+        return (mgot[0],)
+    return ()
+
+
+def _entries(rows: list[tuple[int, dict[str, str]]], base: Path, base_real: Path, has_mask: bool,
+             allow_outside: bool, problems: _Problems) -> list[_Entry]:
+    """One entry per row with a usable image path; every row problem goes to ``problems``."""
+    entries: list[_Entry] = []
     for line, r in rows:
         cell = r.get("path", "")
         if not cell:
-            no_path.append(line)
+            problems.no_path.append(line)
             continue
-        got = _resolve(cell, base, base_real, allow_outside_root)
+        got = _resolve(cell, base, base_real, allow_outside)
         if got is None:
-            escaped.append((line, cell))
+            problems.escaped.append((line, cell))
             continue
         image, rel = got
         if not image.is_file():
-            missing.append((line, image))
+            problems.missing.append((line, image))
         masks: tuple[Path, ...] = ()
         if has_mask:
-            mcell = r.get("mask", "")
-            mgot = _resolve(mcell, base, base_real, allow_outside_root) if mcell else None
-            if not mcell:
-                no_mask.append(line)
-            elif mgot is None:
-                escaped.append((line, mcell))
-            else:
-                masks = (mgot[0],)
-                if not mgot[0].is_file():
-                    missing.append((line, mgot[0]))
+            masks = _row_masks(line, r.get("mask", ""), base, base_real, allow_outside, problems)
         split_cell = r.get("split", "").lower()
         split = SPLIT_ALIASES.get(split_cell, "" if not split_cell else None)
         if split is None:
-            bad_split.append((line, split_cell))
+            problems.bad_split.append((line, split_cell))
         entries.append((line, r.get("id") or rel, r.get("label", ""), split, r.get("group", ""), image, masks))
+    return entries
 
-    if no_path:
-        raise DatasetError(f"{csv_path}: empty path on line(s) {_rows_text(no_path)}; every row needs an image path")
-    if escaped:
+
+def _raise_problems(csv_path: Path, base_real: Path, problems: _Problems) -> None:
+    """The first kind of row problem, in a fixed order, as one DatasetError."""
+    if problems.no_path:
+        raise DatasetError(f"{csv_path}: empty path on line(s) {_rows_text(problems.no_path)}; "
+                           "every row needs an image path")
+    if problems.escaped:
+        escaped = problems.escaped
         line, cell = escaped[0]
         raise DatasetError(f"{csv_path}: path(s) lead outside {base_real}: {cell!r} on line {line} "
                            f"({len(escaped)} such path(s), line(s) {_rows_text([e[0] for e in escaped])}); "
                            "keep files inside the manifest's folder (or pass allow_outside_root=True)")
-    if bad_split:
-        line, value = bad_split[0]
-        raise DatasetError(f"{csv_path}: unknown split {value!r} on line {line} ({len(bad_split)} row(s)); "
+    if problems.bad_split:
+        line, value = problems.bad_split[0]
+        raise DatasetError(f"{csv_path}: unknown split {value!r} on line {line} ({len(problems.bad_split)} row(s)); "
                            "use train, val, test or leave it empty")
-    if no_mask:
-        raise DatasetError(f"{csv_path}: no mask on line(s) {_rows_text(no_mask)} while other rows have one; "
-                           "give every row a mask or drop the mask column")
-    if missing:
-        line, p = missing[0]
-        raise DatasetError(f"{csv_path}: {len(missing)} listed file(s) do not exist, first {p} (line {line}); "
-                           "fix the paths or remove the rows")
+    if problems.no_mask:
+        raise DatasetError(f"{csv_path}: no mask on line(s) {_rows_text(problems.no_mask)} while other rows have "
+                           "one; give every row a mask or drop the mask column")
+    if problems.missing:
+        line, p = problems.missing[0]
+        raise DatasetError(f"{csv_path}: {len(problems.missing)} listed file(s) do not exist, first {p} "
+                           f"(line {line}); fix the paths or remove the rows")
+
+
+def _check_duplicate_ids(csv_path: Path, entries: list[_Entry]) -> None:
     lines_by_id: dict[str, list[int]] = defaultdict(list)
     for e in entries:
         lines_by_id[e[1]].append(e[0])
@@ -184,16 +205,43 @@ def open_csv(
         raise DatasetError(f"{csv_path}: duplicate id {k!r} on lines {_rows_text(v)} ({len(dups)} duplicated id(s)); "
                            "every row needs a unique path or id")
 
+
+def _class_list(csv_path: Path, entries: list[_Entry], classes: list[str] | None) -> list[str]:
+    """``classes`` as given (every label must be in it), else the natural order of the labels."""
     names = {e[2] for e in entries if e[2]}
     if classes is None:
-        class_list = natural_classes(names)
-    else:
-        class_list = list(classes)
-        unknown = sorted(names - set(class_list))
-        if unknown:
-            line = next(e[0] for e in entries if e[2] == unknown[0])
-            raise DatasetError(f"{csv_path}: unknown label {unknown[0]!r} on line {line} (unknown: {unknown[:5]}); "
-                               f"labels must be one of {class_list}")
+        return natural_classes(names)
+    class_list = list(classes)
+    unknown = sorted(names - set(class_list))
+    if unknown:
+        line = next(e[0] for e in entries if e[2] == unknown[0])
+        raise DatasetError(f"{csv_path}: unknown label {unknown[0]!r} on line {line} (unknown: {unknown[:5]}); "
+                           f"labels must be one of {class_list}")
+    return class_list
+
+
+@register_dataset("csv")
+def open_csv(
+    root: str | Path,
+    classes: list[str] | None = None,
+    mask_classes: list[str] | None = None,
+    max_pixels: int = MAX_PIXELS,
+    allow_outside_root: bool = False,
+) -> FileDataset:
+    """Open a CSV manifest dataset (see module docstring). ``mask_classes`` defaults to
+    ["background", "lesion"] (binary masks, non-zero = lesion) when there is a mask column."""
+    csv_path = _manifest_path(Path(root))
+    base = csv_path.parent
+    base_real = base.resolve()
+    header, rows = _read_csv(csv_path)
+    has_mask = "mask" in header and any(r.get("mask", "") for _, r in rows)
+    _check_mask_classes(csv_path, has_mask, mask_classes)
+    _refuse_nul(csv_path, rows)
+    problems = _Problems()
+    entries = _entries(rows, base, base_real, has_mask, allow_outside_root, problems)
+    _raise_problems(csv_path, base_real, problems)
+    _check_duplicate_ids(csv_path, entries)
+    class_list = _class_list(csv_path, entries, classes)
     index = {c: k for k, c in enumerate(class_list)}
     entries.sort(key=lambda e: e[1])
     ds = FileDataset(

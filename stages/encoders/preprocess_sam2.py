@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .preprocess import to_rgb, to_uint8_minmax
+from stages.encoders.preprocess import to_rgb, to_uint8_minmax
 
 SAM2_PIXEL_MEAN = [0.485, 0.456, 0.406]
 SAM2_PIXEL_STD = [0.229, 0.224, 0.225]

@@ -22,9 +22,20 @@ import numpy as np
 import torch
 from segment_anything.modeling import ImageEncoderViT
 
-from .base import EMBED_SHAPE, Encoder, EncoderError
-from .checkpoints import OFFICIAL, file_sha256, load_state_dict, sub_state
-from .preprocess import SAM_PREPROCESSING, finish_sam, prepare_sam, prepare_sam_u8
+from stages.encoders.base import EMBED_SHAPE, Encoder, EncoderError
+from stages.encoders.checkpoints import (
+    OFFICIAL,
+    file_sha256,
+    load_state_dict,
+    sub_state,
+)
+from stages.encoders.preprocess import (
+    SAM_PREPROCESSING,
+    finish_sam,
+    prepare_sam,
+    prepare_sam_u8,
+)
+from stages.encoders.registry import register_encoder
 
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
 
@@ -160,7 +171,7 @@ def build_sam_encoder(name: str, checkpoint: str | Path | None = None, device: s
         raise EncoderError(f"checkpoint {path} does not fit {arch.describe()}: {str(e).splitlines()[0]}") from None
     net.eval().requires_grad_(False)
     if fast:
-        from .fast import speed_up
+        from stages.encoders.fast import speed_up
         speed_up(net)
     info = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(arch).items()}
     enc = SamEncoder(name=name, net=net, img_size=arch.img_size, checkpoint_sha256=file_sha256(path),
@@ -169,21 +180,25 @@ def build_sam_encoder(name: str, checkpoint: str | Path | None = None, device: s
     return enc.to(device)
 
 
+@register_encoder("vit_b")
 def build_vit_b(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
                 fast: bool = False) -> SamEncoder:
     return build_sam_encoder("vit_b", checkpoint, device, fast)
 
 
+@register_encoder("vit_l")
 def build_vit_l(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
                 fast: bool = False) -> SamEncoder:
     return build_sam_encoder("vit_l", checkpoint, device, fast)
 
 
+@register_encoder("vit_h")
 def build_vit_h(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
                 fast: bool = False) -> SamEncoder:
     return build_sam_encoder("vit_h", checkpoint, device, fast)
 
 
+@register_encoder("sam")
 def build_sam(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
               fast: bool = False) -> SamEncoder:
     return build_sam_encoder("sam", checkpoint, device, fast)

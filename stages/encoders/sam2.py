@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import EMBED_SHAPE, Encoder, EncoderError
-from .checkpoints import OFFICIAL, file_sha256, load_state_dict
-from .preprocess_sam2 import SAM2_PREPROCESSING, prepare_sam2
+from stages.encoders.base import EMBED_SHAPE, Encoder, EncoderError
+from stages.encoders.checkpoints import OFFICIAL, file_sha256, load_state_dict
+from stages.encoders.preprocess_sam2 import SAM2_PREPROCESSING, prepare_sam2
+from stages.encoders.registry import register_encoder
 
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
 _TRUNK = "image_encoder.trunk."
@@ -179,3 +180,7 @@ def build_sam2_encoder(name: str, checkpoint: str | Path | None = None, device: 
 def sam2_builders() -> dict[str, Callable[..., Encoder]]:
     """Registry entries ``name -> builder(checkpoint=None, device="cpu", fast=False)``."""
     return {name: partial(build_sam2_encoder, name) for name in SAM2_SIZES}
+
+
+for _name, _builder in sam2_builders().items():  # registered in SAM2_SIZES order (tiny to large)
+    register_encoder(_name)(_builder)

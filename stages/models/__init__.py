@@ -5,13 +5,14 @@
 
 Registered: ``slca`` (timm backbone + SLCA), ``backbone`` (the same without SLCA),
 ``sam_head`` (small CNN on SAM embeddings), ``probe`` (linear probe on pooled embeddings).
-Segmentation heads have their own registry in ``stages.models.heads``.
+The registry itself (``stages.models.registry``) imports no model; segmentation heads have
+their own in ``stages.models.heads.registry``.
 """
-from . import classifier, sam_head  # noqa: F401  (register the models)
-from .classifier import SLCAClassifier
-from .layers.slca import SLCA
-from .registry import create_model, is_model, list_models, register_model
-from .sam_head import LinearProbe, SAMHead
+from stages.models import classifier, sam_head  # noqa: F401  (register the models)
+from stages.models.classifier import SLCAClassifier
+from stages.models.layers.slca import SLCA
+from stages.models.registry import MODELS, create_model, is_model, list_models, model_choices, register_model
+from stages.models.sam_head import LinearProbe, SAMHead
 
-__all__ = ["SLCA", "LinearProbe", "SAMHead", "SLCAClassifier", "create_model", "is_model", "list_models",
-           "register_model"]
+__all__ = ["MODELS", "SLCA", "LinearProbe", "SAMHead", "SLCAClassifier", "create_model", "is_model", "list_models",
+           "model_choices", "register_model"]

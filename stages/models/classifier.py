@@ -21,10 +21,11 @@ import timm
 import torch
 from torch import nn
 
-from .layers.slca import SLCA
-from .registry import register_model
+from stages.models.layers.slca import SLCA
+from cache.schema import EMBED_SHAPE
+from stages.models.registry import register_model
 
-SAM_CHANNELS = 256
+SAM_CHANNELS = EMBED_SHAPE[0]
 
 
 def resolve_stages(feature_info: list[dict], stages: str | Sequence[int | str]) -> list[int]:

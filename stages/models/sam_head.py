@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import register_model
+from cache.schema import EMBED_SHAPE
+from stages.models.registry import register_model
 
-SAM_CHANNELS = 256
+SAM_CHANNELS = EMBED_SHAPE[0]
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-HEAD_NAMES = ("autosam", "cnn", "linear", "unet")
+from stages.models.heads import list_heads
 
 
 @dataclass
@@ -22,7 +22,9 @@ class SegmentConfig:
     sam_checkpoint: a SAM-family checkpoint whose mask decoder initialises the autosam
     head, or "encoder" for the checkpoint the store was extracted with. in_memory: load
     the embeddings into RAM first (2 MiB per sample at float16). resume: continue from
-    ``out/last.pt``. overlays: how many validation overlay PNGs to write.
+    ``out/last.pt`` (settings other than how the run executes must be unchanged, as for
+    classification: ``stages.common.trainer.RESUME_FREE``). workers: DataLoader processes
+    (-1: automatic, as for classification). overlays: how many validation overlay PNGs to write.
     """
 
     store: str
@@ -43,7 +45,7 @@ class SegmentConfig:
     in_memory: bool = False
     resume: bool = False
     overwrite: bool = False
-    num_workers: int = 0
+    workers: int = -1
     steps_per_epoch: int = 0
     patience: int = 10
     val_every: int = 1
@@ -62,14 +64,16 @@ class SegmentConfig:
 
     def check(self) -> None:
         """Refuse impossible values with a one-line ValueError naming the option."""
-        if self.head not in HEAD_NAMES:
-            raise ValueError(f"--head {self.head!r}: choose one of {', '.join(HEAD_NAMES)}")
+        if self.head not in list_heads():
+            raise ValueError(f"--head {self.head!r}: choose one of {', '.join(list_heads())}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not self.lr > 0:
             raise ValueError(f"--lr {self.lr}: must be positive")
-        for name in ("steps_per_epoch", "patience", "num_workers", "overlays", "labeled_volumes"):
+        if self.workers < -1:
+            raise ValueError(f"--workers {self.workers}: must be -1 (automatic) or 0 or more")
+        for name in ("steps_per_epoch", "patience", "overlays", "labeled_volumes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
         if self.val_every < 1:
@@ -77,7 +81,3 @@ class SegmentConfig:
         if self.sam_checkpoint and self.head != "autosam":
             raise ValueError(f"--sam-checkpoint initialises the autosam head only, not {self.head!r}; drop it")
 
-
-# options that must be equal to resume a run
-RESUME_KEYS = ("head", "store", "dataset", "batch_size", "lr", "weight_decay", "seed", "train_fraction",
-               "labeled_volumes", "sam_checkpoint", "steps_per_epoch", "head_options", "precision")

@@ -24,7 +24,6 @@ then gets its images stretched to 256x256 too, so both see the same field of vie
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache import FeatureStore, SignatureMismatchError, StoreError
-from stages.datasets import DatasetError, open_dataset
-from stages.encoders.preprocess import resizable, gray_or_rgb, prepare_litemedsam
+from cache import SignatureMismatchError, StoreError
+from stages.common.geometry import PAD, STRETCH, check_geometry, input_geometry
+from stages.common.joined import open_joined
+from stages.datasets import DatasetError
+from stages.encoders.preprocess import gray_or_rgb, prepare_litemedsam, resizable
 from stages.encoders.resize import longest_side_shape, resize_area
-from stages.geometry import PAD, STRETCH, check_geometry, input_geometry
 
 CANVAS = 256
 IGNORE = 255
@@ -100,11 +100,6 @@ def unet_image(image: np.ndarray, geometry: str = PAD) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def patient_of(group: str) -> str:
-    """ACDC-style volume id ``patient028_frame01`` -> patient ``patient028``."""
-    return group.split("_frame")[0]
-
-
 @dataclass
 class Item:
     """One sample of a segmentation split: dataset index, store row, raw size."""
@@ -126,24 +121,18 @@ class SegmentData:
 
     def __init__(self, store: str, dataset: str, data_root: str, dataset_options: dict[str, Any] | None = None,
                  storage_options: dict[str, Any] | None = None) -> None:
-        self.store = FeatureStore(store, storage_options=storage_options)
-        self.dataset = open_dataset(dataset, data_root, **(dataset_options or {}))
+        joined = open_joined(store, None, dataset, data_root, dataset_options, verify=False, labelled=False,
+                             storage_options=storage_options)
+        self.store, self.dataset = joined.store, joined.dataset
         ds = self.dataset
         if len(ds.mask_classes) < 2:
             raise DatasetError(f"{data_root}: dataset {dataset!r} has no masks; segmentation needs a reader "
                                "with masks (acdc-h5, synthetic, imagefolder or csv with masks)")
-        kind = self.store.attrs.get("dataset_kind")
-        if kind != ds.kind:
-            raise SignatureMismatchError(f"{store}: store was extracted from a {kind!r} dataset, not {ds.kind!r}; "
-                                         "pass the dataset the store was made from, or extract a new store")
         stored_classes = self.store.mask_classes
         if stored_classes and stored_classes != ds.mask_classes:
             raise SignatureMismatchError(f"{store}: store lists mask classes {stored_classes}, the dataset "
                                          f"{ds.mask_classes}; pass the dataset the store was made from")
-        self.rows = self.store.index(ds.ids)
-        if self.store.attrs.get("dataset_signature") != ds.signature():
-            print(f"note: {data_root} is listed differently from when {store} was extracted; "
-                  "samples are matched by id and checked by content hash", file=sys.stderr)
+        self.rows = np.arange(len(ds.ids))  # one listing (open_joined checked it): sample i is store row i
         self.img_size = int(self.store.attrs["img_size"])
         self.geometry = input_geometry(self.store.attrs.get("preprocessing"))
         self.mask_classes = list(ds.mask_classes)
@@ -237,69 +226,3 @@ class Batches(torch.utils.data.Dataset):
     def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         indices = sorted(indices)  # sorted rows read faster (one read per run of a shard)
         return self.data.inputs(indices, self.kind), self.data.targets(indices, self.img_size)
-
-
-# --- choosing the labelled training samples -------------------------------------------------
-
-def order_volumes(groups: Sequence[str], seed: int) -> list[str]:
-    """Training volumes in the order they are labelled: patients in a seeded random order,
-    then round-robin over each patient's volumes (sorted), so N volumes come from
-    min(N, patients) distinct patients and a larger N extends a smaller one."""
-    by_patient: dict[str, list[str]] = {}
-    for g in sorted(set(groups)):
-        by_patient.setdefault(patient_of(g), []).append(g)
-    patients = sorted(by_patient)
-    perm = np.random.default_rng(seed).permutation(len(patients))
-    ordered = [patients[k] for k in perm]
-    out: list[str] = []
-    for r in range(max(len(v) for v in by_patient.values())):
-        out += [by_patient[p][r] for p in ordered if r < len(by_patient[p])]
-    return out
-
-
-def select_training(data: SegmentData, train: list[int], labeled_volumes: int, train_fraction: float,
-                    seed: int) -> tuple[list[int], list[str]]:
-    """The labelled subset of ``train`` -> (indices, chosen volume ids or [] for 2D data).
-
-    ``labeled_volumes`` N > 0: the first N of ``order_volumes`` (volumetric data only).
-    ``train_fraction`` f < 1: round(f * units) units (at least one), units being volumes for
-    volumetric data and samples otherwise, in a seeded random order."""
-    if labeled_volumes < 0:
-        raise ValueError(f"--labeled-volumes {labeled_volumes}: must be 0 (all) or a positive count")
-    if not 0 < train_fraction <= 1:
-        raise ValueError(f"--train-fraction {train_fraction}: must be in (0, 1]")
-    if labeled_volumes and train_fraction < 1:
-        raise ValueError("--labeled-volumes and --train-fraction both given; use one of them")
-    groups = [data.groups[i] for i in train]
-    volumetric = all(g != "" for g in groups)
-    if labeled_volumes and not volumetric:
-        raise ValueError("--labeled-volumes needs a volumetric dataset (samples grouped by volume, e.g. acdc-h5); "
-                         "use --train-fraction for 2D datasets")
-    if volumetric:
-        order = order_volumes(groups, seed)
-        if labeled_volumes:
-            if labeled_volumes > len(order):
-                raise ValueError(f"--labeled-volumes {labeled_volumes}: the training split has only "
-                                 f"{len(order)} volumes")
-            keep = order[:labeled_volumes]
-        else:
-            keep = order[:max(1, round(train_fraction * len(order)))]
-        chosen = set(keep)
-        return [i for i in train if data.groups[i] in chosen], sorted(keep)
-    n = max(1, round(train_fraction * len(train)))
-    perm = np.random.default_rng(seed).permutation(len(train))[:n]
-    return sorted(train[k] for k in perm), []
-
-
-def carve_validation(data: SegmentData, train: list[int], seed: int, fraction: float = 0.2
-                     ) -> tuple[list[int], list[int]]:
-    """No val split in the dataset: hold out ``fraction`` of the training volumes (or
-    samples), seeded; a volume never straddles train and val."""
-    units = sorted({data.groups[i] or data.ids[i] for i in train})
-    if len(units) < 2:
-        raise ValueError("the dataset has no val split and too few training samples to hold some out; "
-                         "add a val split")
-    perm = np.random.default_rng(seed + 1).permutation(len(units))
-    held = {units[k] for k in perm[:max(1, round(fraction * len(units)))]}
-    val = [i for i in train if (data.groups[i] or data.ids[i]) in held]
-    return [i for i in train if (data.groups[i] or data.ids[i]) not in held], val

@@ -12,16 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache import SignatureMismatchError
+from cache import FeatureStore, SignatureMismatchError
+from stages.common.geometry import PAD, saved_geometry
+from stages.common.joined import check_encoder
+from stages.common.runtime import resolve_device
+from stages.common.training import load_checkpoint
+from stages.models.heads import create_head
+from stages.segment.data import UNET_IMG_SIZE, SegmentData, logits_to_raw
+from stages.segment.metrics import evaluate_predictions
 
-from ..geometry import PAD, saved_geometry
-from ..models.heads import create_head
-from ..runtime import resolve_device
-from .data import UNET_IMG_SIZE, SegmentData, logits_to_raw
-from .metrics import evaluate_predictions
-
-# signature fields that decide what the embeddings mean (the dataset may differ)
-ENCODER_KEYS = ("encoder", "checkpoint_sha256", "img_size", "preprocessing", "schema_version")
 
 
 def head_img_size(model: nn.Module, store_img_size: int) -> int:
@@ -145,8 +144,6 @@ def save_overlays(data: SegmentData, preds: dict[int, np.ndarray], indices: Sequ
 
 def load_model(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """A ``model.pt`` written by ``train_segmentation`` -> (head on device, eval mode; saved dict)."""
-    from ..train.loop import load_checkpoint
-
     saved = load_checkpoint(path)
     if saved.get("task") != "segment":
         raise ValueError(f"{path}: a {saved.get('task')!r} model, not a segmentation one; "
@@ -164,13 +161,7 @@ def check_store(saved: dict[str, Any], data: SegmentData, model_path: str | Path
                                      f"{data.mask_classes}; evaluate on a dataset with the same classes")
     if saved.get("input_kind") != "features":
         return  # the UNet reads raw images; the store only lists the samples
-    stored, now = saved["store_signature"], data.store.signature
-    diff = [k for k in ENCODER_KEYS if stored.get(k) != now.get(k)]
-    if diff:
-        raise SignatureMismatchError(
-            f"{data.store.url}: embeddings made differently from the training store ({', '.join(diff)} differ: "
-            f"trained with encoder {stored.get('encoder')!r}, store has {now.get('encoder')!r}); "
-            "extract the dataset with the training encoder")
+    check_encoder(saved, data.store, model_path)
 
 
 def evaluate_segmentation(model_path: str | Path, store: str, data_root: str, dataset: str, out: str | Path,
@@ -236,3 +227,21 @@ def format_scores(result: dict[str, Any]) -> str:
             lines.append(f"{split:<8}{name:<14}{dice:>8.4f}{iou:>8.4f}{hd_text:>9}")
         lines.append(f"{'':<8}({m.get('mode', '2d')}, {m.get('cases', '?')} cases)")
     return "\n".join(lines)
+
+
+def evaluate_saved(model_path: str | Path, store: str, out: str | Path | None, split: str = "test",
+                   kind: str | None = None, data_root: str | None = None, device: str = "auto",
+                   dataset_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``pipeline evaluate`` of a segmentation model.pt: the dataset from the options, else
+    the store's record, else the training config; ``split`` "all" scores every split."""
+    fs = FeatureStore(store)
+    trained = load_checkpoint(model_path).get("config", {})
+    data_root = data_root or fs.attrs.get("dataset_root") or trained.get("data_root")
+    kind = kind or fs.attrs.get("dataset_kind") or trained.get("dataset")
+    if not data_root or not kind:
+        raise ValueError(f"{store}: records no dataset; pass --dataset KIND --data-root PATH")
+    if out is None:
+        raise ValueError("evaluating a segmentation model needs --out DIR for its metrics and overlays")
+    return evaluate_segmentation(model_path, store, data_root, kind, out, device=device,
+                                 splits=(split,) if split != "all" else ("train", "val", "test"),
+                                 dataset_options=dataset_options)

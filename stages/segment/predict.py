@@ -8,7 +8,7 @@ them) or ACDC-style HDF5 files whose ``image`` is (H,W) or (slices,H,W) (read li
 - Encoder: rebuilt from what model.pt records (name, checkpoint path, fused kernels or
   not, as at extraction; ``--checkpoint`` overrides the path) and refused unless its
   signature (checkpoint sha256, preprocessing, input size) equals the training store's, as
-  for classification (``stages.predict.load_encoder``).
+  for classification (``stages.common.joined.store_encoder``).
   Embeddings are rounded to the store's dtype (float16, or int8 with its per-channel scale),
   so the head sees exactly the numbers the cache would hold for that image. The UNet
   baseline reads the raw image and needs no encoder.
@@ -39,14 +39,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache import FeatureStore, quantize
-
-from ..datasets.base import BadImageError
-from ..datasets.imageio import IMAGE_EXTS, MAX_PIXELS, check_array, read_image
-from ..geometry import saved_geometry
-from ..runtime import amp_dtype_for, resolve_device, resolve_precision
-from .data import unet_image
-from .evaluate import class_colormap, display_image, head_img_size, head_labels, load_model
+from cache import quantize
+from stages.common.geometry import saved_geometry
+from stages.common.joined import saved_store, store_encoder
+from stages.common.runtime import amp_dtype_for, resolve_device, resolve_precision
+from stages.datasets.base import BadImageError
+from stages.datasets.imageio import IMAGE_EXTS, MAX_PIXELS, check_array, read_image
+from stages.segment.data import unet_image
+from stages.segment.evaluate import (
+    class_colormap,
+    display_image,
+    head_img_size,
+    head_labels,
+    load_model,
+)
 
 H5_EXTS = (".h5", ".hdf5")
 FORMATS = ("table", "csv", "json")
@@ -131,22 +137,6 @@ def check_outputs(inputs: Sequence[SegInput], out: Path, overwrite: bool) -> Non
                                  "for these inputs, or choose another --out")
 
 
-def encoder_for(saved: dict[str, Any], device: torch.device, checkpoint: str | None):
-    """The encoder the head's training store was extracted with, signature-checked."""
-    from ..predict import load_encoder
-
-    sig = saved["store_signature"]
-    path, fast = saved.get("checkpoint_path"), saved.get("fast_kernels")
-    if "checkpoint_path" not in saved:  # a model.pt from before these were recorded: ask its training store
-        try:
-            attrs = FeatureStore(saved["config"]["store"]).attrs
-            path, fast = attrs.get("checkpoint_path"), attrs.get("fast_kernels")
-        except Exception:  # the store may be gone or elsewhere; the builder's default may still match
-            pass
-    record = {"store": {"encoder": sig["encoder"], "checkpoint_path": path, "signature": sig}}
-    return load_encoder(record, device, checkpoint, fast=bool(fast))
-
-
 def as_stored(emb: np.ndarray, dtype: str) -> np.ndarray:
     """float32 embeddings -> the float32 values a store of ``dtype`` hands back for them."""
     if dtype == "float16":
@@ -164,7 +154,7 @@ def run_head(model: nn.Module, saved: dict[str, Any], encoder, inputs: Sequence[
     features = getattr(model, "input_kind", "features") == "features"
     img_size = head_img_size(model, int(saved["img_size"]))
     geometry = saved_geometry(saved)
-    dtype = str(saved["store_signature"].get("dtype", "float32"))
+    dtype = str(saved_store(saved)["signature"].get("dtype", "float32"))
     units = [(inp, k) for inp in inputs for k in range(len(inp.slices))]
     for a in range(0, len(units), batch_size):
         chunk = units[a:a + batch_size]
@@ -273,7 +263,7 @@ def predict_segmentation(model_path: str | Path, paths: Sequence[str | Path], ou
     out = Path(out)
     check_outputs(inputs, out, overwrite)
     uses_encoder = getattr(model, "input_kind", "features") == "features"
-    encoder = encoder_for(saved, dev, checkpoint) if uses_encoder else None
+    encoder = store_encoder(saved_store(saved), dev, checkpoint) if uses_encoder else None
     amp = amp_dtype_for(resolve_precision(precision, dev))
     run_head(model, saved, encoder, inputs, dev, batch_size, amp)
     check_outputs(inputs, out, overwrite)  # again: the folder may have changed while the model ran

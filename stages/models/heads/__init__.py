@@ -1,4 +1,5 @@
-"""Prompt-free segmentation heads, registered by name and created like timm models.
+"""Prompt-free segmentation heads, registered by name (``stages.models.heads.registry``)
+and created like timm models.
 
 Every head maps its input to per-class logits on the 256x256 canvas:
 
@@ -16,33 +17,8 @@ Cropping the canvas to the image and resizing to its size is done by the caller
 """
 from __future__ import annotations
 
-from typing import Callable
-
-from torch import nn
-
-HEADS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_head(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register a builder ``fn(num_classes, **kw) -> nn.Module`` under its name."""
-    HEADS[fn.__name__] = fn
-    return fn
-
-
-def list_heads() -> list[str]:
-    return sorted(HEADS)
-
-
-def create_head(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """Build the head ``name`` predicting ``num_classes`` classes (background included)."""
-    if name not in HEADS:
-        raise ValueError(f"unknown segmentation head {name!r}; choose one of: {', '.join(list_heads())}")
-    if num_classes < 2:
-        raise ValueError(f"a segmentation head needs at least 2 classes (background + one), got {num_classes}")
-    return HEADS[name](num_classes, **kwargs)
-
-
-# registration happens on import
-from . import autosam, cnn, linear, unet  # noqa: E402,F401
+# importing the heads registers them in stages.models.heads.registry
+from stages.models.heads import autosam, cnn, linear, unet  # noqa: F401
+from stages.models.heads.registry import HEADS, create_head, list_heads, register_head
 
 __all__ = ["HEADS", "create_head", "list_heads", "register_head"]

@@ -23,7 +23,7 @@ from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
-from . import register_head
+from stages.models.heads.registry import register_head
 
 
 class AutoSamHead(nn.Module):

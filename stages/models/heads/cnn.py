@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register_head
+from cache.schema import EMBED_SHAPE
+from stages.models.heads.registry import register_head
 
 
 def conv_bn(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -22,7 +23,7 @@ class CnnHead(nn.Module):
 
     input_kind = "features"
 
-    def __init__(self, num_classes: int, in_chans: int = 256, widths: tuple[int, int, int] = (128, 64, 32),
+    def __init__(self, num_classes: int, in_chans: int = EMBED_SHAPE[0], widths: tuple[int, int, int] = (128, 64, 32),
                  depth: int = 2) -> None:
         super().__init__()
         w0, w1, w2 = widths

@@ -8,7 +8,8 @@ import torch
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from . import register_head
+from cache.schema import EMBED_SHAPE
+from stages.models.heads.registry import register_head
 
 
 class LinearHead(nn.Module):
@@ -16,7 +17,7 @@ class LinearHead(nn.Module):
 
     input_kind = "features"
 
-    def __init__(self, num_classes: int, in_chans: int = 256) -> None:
+    def __init__(self, num_classes: int, in_chans: int = EMBED_SHAPE[0]) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.upscaling = nn.Sequential(

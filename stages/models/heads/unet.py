@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register_head
-from .cnn import conv_bn
+from stages.models.heads.registry import register_head
+from stages.models.heads.cnn import conv_bn
 
 
 def double_conv(cin: int, cout: int) -> nn.Sequential:

@@ -1,4 +1,4 @@
 """Reusable blocks of the stage-two networks."""
-from .slca import SLCA
+from stages.models.layers.slca import SLCA
 
 __all__ = ["SLCA"]

@@ -1,0 +1,59 @@
+"""Batch augmentation that keeps the image and the SAM embedding grid aligned: flips and
+90-degree rotations are applied to both (they share a field of view, see
+``data.prepare_image``); photometric changes touch the image only."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from stages.classify.data import IMAGE_MEAN, IMAGE_STD
+
+AUGMENTS = ("none", "flip", "rot", "photometric")
+
+
+def parse_augment(spec: str) -> tuple[str, ...]:
+    """``"flip,photometric"`` -> ("flip", "photometric"); refuses unknown names."""
+    parts = tuple(p.strip() for p in spec.split(",") if p.strip()) or ("none",)
+    bad = [p for p in parts if p not in AUGMENTS]
+    if bad:
+        raise ValueError(f"unknown --augment {', '.join(bad)}; use a comma list of {', '.join(AUGMENTS)}")
+    return tuple(p for p in parts if p != "none")
+
+
+def augment(image: torch.Tensor | None, sam: torch.Tensor | None, modes: Sequence[str],
+            gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Random per-sample augmentation of a batch, (B,3,S,S) and (B,256,64,64).
+
+    ``flip``: horizontal and vertical flips; ``rot``: flips and 90-degree rotations (the 8
+    symmetries of the square); both applied identically to the image and the SAM grid.
+    ``photometric``: contrast/brightness jitter of the image only. Parameters come from
+    ``gen`` (CPU), so a seeded generator makes the epoch reproducible."""
+    ref = image if image is not None else sam
+    if ref is None or not modes:
+        return image, sam
+    b = ref.shape[0]
+    if "flip" in modes or "rot" in modes:
+        hf = torch.rand(b, generator=gen) < 0.5
+        vf = torch.rand(b, generator=gen) < 0.5
+        k = torch.randint(0, 4, (b,), generator=gen) if "rot" in modes else torch.zeros(b, dtype=torch.long)
+
+        def geo(x: torch.Tensor, i: int) -> torch.Tensor:
+            if hf[i]:
+                x = x.flip(-1)
+            if vf[i]:
+                x = x.flip(-2)
+            return torch.rot90(x, int(k[i]), dims=(-2, -1)) if k[i] else x
+
+        if image is not None:
+            image = torch.stack([geo(image[i], i) for i in range(b)])
+        if sam is not None:
+            sam = torch.stack([geo(sam[i], i) for i in range(b)])
+    if "photometric" in modes and image is not None:
+        c = (0.8 + 0.4 * torch.rand(b, 1, 1, 1, generator=gen)).to(image)
+        d = (0.2 * torch.rand(b, 1, 1, 1, generator=gen) - 0.1).to(image)
+        mean, std = IMAGE_MEAN.to(image), IMAGE_STD.to(image)
+        raw = image * std + mean
+        m = raw.mean(dim=(1, 2, 3), keepdim=True)
+        image = (((raw - m) * c + m + d).clamp(0, 1) - mean) / std
+    return image, sam

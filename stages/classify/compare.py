@@ -1,0 +1,326 @@
+"""Side-by-side comparison of classifiers on one store: every model x labelled fraction x seed
+trained through ``train_classifier`` (the path ``pipeline train`` takes), then one table.
+
+Layout of the output folder ``DIR``::
+
+    compare.json                      marker + every run's metrics + the aggregates
+    compare.md                        the table (mean +- sample std over seeds)
+    compare.png                       test AUC against labelled fraction
+    runs/<model>/f<fraction>/s<seed>/ one ordinary training run each (model.pt, metrics.json, ...)
+
+A model is a kind (``slca``, ``backbone``, ``probe``, ``sam-head``) optionally followed by
+``/KEY=VALUE`` overrides of ``ClassifyConfig`` fields, e.g. ``slca/window=0/gate=mul``; short
+keys are in ``ALIASES``. A run folder is reused when it holds model.pt and metrics.json and
+its config.json equals what is asked now (settings that do not change results, such as
+``workers`` or ``device``, are ignored), resumed through ``--resume`` when it was interrupted,
+and refused when it was made with other settings (``overwrite`` retrains it, deleting only
+that run's own output files). ``DIR`` must be new, empty, or a comparison folder of ours:
+compare.json is written first, so an interrupted comparison is still recognised.
+
+Spread: the sample standard deviation over seeds (ddof=1), None with one seed. The
+difference to ``backbone`` is paired: per seed, model minus backbone at the same fraction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from stages.common.jsonio import jsonable
+from stages.classify.config import ClassifyConfig, is_model_kind, model_kinds
+from stages.classify.train import OUTPUT_FILES, train_classifier
+from stages.common.trainer import RESUME_FREE
+
+COMPARE_FORMAT = "sam-feature-pipeline/compare"
+ALIASES = {"gate": "slca_gate", "window": "slca_window", "stages": "slca_stages", "hidden": "slca_hidden",
+           "act": "slca_act", "fuse": "slca_fuse", "img": "img_size"}
+# set by the comparison itself, per run
+CONTROLLED = ("store", "out", "model", "train_fraction", "seed", "resume", "overwrite")
+# config.json keys that may differ between a reused run and the request (no effect on the result)
+FREE = (*RESUME_FREE, "out")
+METRICS = ("auc", "accuracy", "balanced_accuracy")
+DONE = {"train": "trained", "reuse": "reused", "resume": "resumed", "overwrite": "retrained"}
+# backbone weights only mean something for models with a timm backbone; a comparison applies
+# them there and trains probe / sam-head as usual instead of refusing the whole command
+BACKBONE_ONLY = ("pretrained", "backbone_weights")
+STD = "sample standard deviation over seeds (ddof=1); None/'-' with one seed"
+_FIELDS = {f.name: f for f in dataclasses.fields(ClassifyConfig)}
+
+
+@dataclass
+class CompareConfig:
+    """What ``pipeline compare`` takes; ``options`` are ``ClassifyConfig`` fields for every run."""
+
+    store: str
+    out: str
+    models: list[str] = field(default_factory=lambda: ["backbone", "slca"])
+    fractions: list[float] = field(default_factory=lambda: [1.0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    options: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+
+
+@dataclass
+class Run:
+    model: str  # the spec as given, e.g. "slca/window=0"
+    fraction: float
+    seed: int
+    cfg: ClassifyConfig
+    status: str = "train"  # train | reuse | resume | overwrite
+
+
+def log(msg: str, enabled: bool = True) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def coerce(key: str, value: Any, where: str) -> Any:
+    """A ``ClassifyConfig`` field value from its command-line text (typed by the field's default)."""
+    if key not in _FIELDS:
+        raise ValueError(f"{where}: unknown setting {key!r}; use a `pipeline train` option name with underscores "
+                         f"(e.g. slca_window, label_smoothing) or a short key ({', '.join(ALIASES)})")
+    if key in CONTROLLED:
+        raise ValueError(f"{where}: {key!r} is set by the comparison itself (use --models/--fractions/--seeds)")
+    if not isinstance(value, str):
+        return value
+    f = _FIELDS[key]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    try:
+        if isinstance(default, bool):
+            low = value.lower()
+            if low not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError
+            return low in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, dict):
+            out = json.loads(value)
+            if not isinstance(out, dict):
+                raise ValueError
+            return out
+    except ValueError:
+        kind = "a JSON object" if isinstance(default, dict) else type(default).__name__
+        raise ValueError(f"{where}: {key}={value!r} is not {kind}") from None
+    return value
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``slca/gate=mul/window=0`` -> ("slca", {"slca_gate": "mul", "slca_window": 0})."""
+    model, *opts = spec.strip().split("/")
+    if not is_model_kind(model):
+        raise ValueError(f"--models {spec!r}: unknown model {model!r}; choose one of: {', '.join(model_kinds())}")
+    kw: dict[str, Any] = {}
+    for o in opts:
+        if "=" not in o:
+            raise ValueError(f"--models {spec!r}: {o!r} is not KEY=VALUE (e.g. slca/window=0)")
+        k, v = o.split("=", 1)
+        key = ALIASES.get(k, k.replace("-", "_"))
+        kw[key] = coerce(key, v, f"--models {spec!r}")
+    return model, kw
+
+
+def run_name(spec: str) -> str:
+    """Folder name of a model spec: ``slca/window=0`` -> ``slca+window=0``."""
+    name = spec.strip().replace("/", "+")
+    if not name or name in (".", "..") or os.sep in name:
+        raise ValueError(f"--models {spec!r}: not usable as a folder name")
+    return name
+
+
+def run_dir(out: str | Path, spec: str, fraction: float, seed: int) -> Path:
+    return Path(out) / "runs" / run_name(spec) / f"f{fraction:g}" / f"s{seed}"
+
+
+def _same(old: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """Keys whose values differ (options added since the old run count as their defaults)."""
+    defaults = dataclasses.asdict(ClassifyConfig(store="", out=""))
+    old = {**defaults, **old}
+    return [k for k in want if k not in FREE and old.get(k) != want[k]]
+
+
+def plan_run(run: Run, overwrite: bool) -> Run:
+    """Decide reuse / resume / train / overwrite for one run folder, or refuse it."""
+    d = Path(run.cfg.out)
+    present = [f for f in OUTPUT_FILES if (d / f).exists()]
+    if not present:
+        return run
+    want = dataclasses.asdict(run.cfg)
+    cfg_file = d / "config.json"
+    try:
+        diff = _same(json.loads(cfg_file.read_text()), want) if cfg_file.is_file() else ["config.json missing"]
+    except (OSError, ValueError):
+        diff = ["config.json unreadable"]
+    if not diff:
+        done = (d / "model.pt").is_file() and (d / "metrics.json").is_file()
+        run.status = "reuse" if done else "resume"
+        run.cfg = dataclasses.replace(run.cfg, resume=not done)
+    elif overwrite:
+        run.status = "overwrite"
+        run.cfg = dataclasses.replace(run.cfg, overwrite=True)
+    else:
+        raise ValueError(f"{d}: holds a run made with other settings ({', '.join(diff[:4])}); pass --overwrite to "
+                         "retrain it or use another --out")
+    return run
+
+
+def check_out(out: str | Path) -> Path:
+    """``out`` must be absent, empty, or a comparison folder of ours (it holds our compare.json)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_compare_dir(out):
+        raise ValueError(f"{out}: is not empty and not a `pipeline compare` folder (no compare.json of ours); "
+                         "choose a new or empty --out")
+    return out
+
+
+def is_compare_dir(out: str | Path) -> bool:
+    try:
+        return json.loads((Path(out) / "compare.json").read_text()).get("format") == COMPARE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def build_runs(cc: CompareConfig) -> list[Run]:
+    """Every model x fraction x seed as a ``ClassifyConfig`` (fractions outermost)."""
+    if not cc.models or not cc.fractions or not cc.seeds:
+        raise ValueError("--models, --fractions and --seeds each need at least one value")
+    for what, values in (("--models", cc.models), ("--fractions", cc.fractions), ("--seeds", cc.seeds)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{what} {','.join(map(str, values))}: a value is repeated")
+    bad = [f for f in cc.fractions if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"--fractions {bad[0]:g}: must be in (0, 1]")
+    common = {k: coerce(k, v, "--set") for k, v in cc.options.items()}
+    specs = [(spec, *parse_variant(spec)) for spec in cc.models]
+    names = [run_name(s) for s in cc.models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--models {','.join(cc.models)}: two models map to the same folder name")
+    runs = []
+    for frac in cc.fractions:
+        for seed in cc.seeds:
+            for spec, model, extra in specs:
+                mine = common if model in ("slca", "backbone") else \
+                    {k: v for k, v in common.items() if k not in BACKBONE_ONLY}
+                cfg = ClassifyConfig(**{"plots": False, **mine, **extra, "store": cc.store, "model": model,
+                                        "out": str(run_dir(cc.out, spec, frac, seed)), "train_fraction": frac,
+                                        "seed": seed})
+                runs.append(Run(spec, frac, seed, cfg))
+    return runs
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_compare(cc: CompareConfig, dataset=None, progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse / resume) every run, then write compare.json, compare.md and compare.png.
+
+    ``dataset`` overrides the store's recorded dataset (tests, notebooks). Every run's
+    settings are checked before anything is trained. Returns the content of compare.json."""
+    out = check_out(cc.out)
+    runs = build_runs(cc)
+    for r in runs:
+        r.cfg.check()
+        plan_run(r, cc.overwrite)  # every refusal comes before any training
+    todo = [r.cfg for r in runs if r.status != "reuse"]
+    if todo:  # a missing store or dataset is one error before anything is written
+        from stages.common.joined import open_joined
+
+        open_joined(todo[0].store, dataset, todo[0].dataset, todo[0].data_root, todo[0].dataset_options, verify=False)
+    report: dict[str, Any] = {
+        "format": COMPARE_FORMAT, "version": 1, "store": cc.store, "models": list(cc.models),
+        "fractions": list(cc.fractions), "seeds": list(cc.seeds), "options": cc.options, "std": STD,
+        "complete": False, "runs": [], "summary": []}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(report, out / "compare.json")  # the marker first: an interrupted comparison stays ours
+    for i, r in enumerate(runs, 1):
+        where = f"[{i}/{len(runs)}] {r.model} fraction {r.fraction:g} seed {r.seed}"
+        if r.status != "reuse":
+            log(f"{where}: {'resuming' if r.status == 'resume' else 'training'} in {r.cfg.out}", progress)
+            train_classifier(r.cfg, dataset=dataset, progress=progress)
+        m = json.loads((Path(r.cfg.out) / "metrics.json").read_text())
+        log(f"{where}: {DONE[r.status]}, test auc {_fmt(m['test'].get('auc'))} "
+            f"accuracy {_fmt(m['test'].get('accuracy'))}", progress)
+        report["runs"].append({"model": r.model, "fraction": r.fraction, "seed": r.seed, "status": DONE[r.status],
+                               "dir": str(Path(r.cfg.out).relative_to(out)), "n_train": m.get("n_train"),
+                               "metrics": m})
+    report["summary"] = summarize(report["runs"], cc.models, cc.fractions)
+    report["complete"] = True
+    _write_json(report, out / "compare.json")
+    (out / "compare.md").write_text(format_table(report["summary"], "backbone" in cc.models) + "\n")
+    from stages.classify.compare_plot import plot_compare
+
+    plot_compare(report["summary"], out / "compare.png")
+    return report
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample std (ddof=1) of the finite values; std None with fewer than two."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    return {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "n": int(len(v))}
+
+
+def summarize(runs: Sequence[dict[str, Any]], models: Sequence[str], fractions: Sequence[float]) -> list[dict]:
+    """One row per model and fraction: test metrics over seeds, and the paired AUC difference
+    to ``backbone`` (per seed, this model minus backbone) when backbone was run."""
+    def test(r: dict, key: str) -> float | None:
+        return r["metrics"]["test"].get(key)
+
+    rows = []
+    for frac in fractions:
+        base = {r["seed"]: test(r, "auc") for r in runs if r["model"] == "backbone" and r["fraction"] == frac}
+        for model in models:
+            rs = [r for r in runs if r["model"] == model and r["fraction"] == frac]
+            if not rs:
+                continue
+            row: dict[str, Any] = {"model": model, "fraction": frac, "seeds": [r["seed"] for r in rs],
+                                   "n_train": sorted({r["n_train"] for r in rs})}
+            for key in METRICS:
+                row[key] = mean_std([test(r, key) for r in rs])
+            if base and model != "backbone":
+                diffs = [test(r, "auc") - base[r["seed"]] for r in rs if r["seed"] in base
+                         and test(r, "auc") is not None and base[r["seed"]] is not None]
+                row["delta_auc_vs_backbone"] = mean_std(diffs)
+            rows.append(row)
+    return rows
+
+
+def _fmt(x: float | None, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:+.3f}" if sign else f"{x:.3f}"
+
+
+def _pm(s: dict[str, Any], sign: bool = False) -> str:
+    return f"{_fmt(s['mean'], sign)} ± {_fmt(s['std'])}" if s["mean"] is not None else "-"
+
+
+def format_table(summary: Sequence[dict[str, Any]], with_delta: bool) -> str:
+    """Markdown table of ``summarize``'s rows, with the spread convention under it."""
+    head = ["model", "fraction", "train images", "test AUC", "test accuracy", "test balanced accuracy"]
+    head += ["Δ AUC vs backbone (paired)"] if with_delta else []
+    lines = ["| " + " | ".join(head + ["seeds"]) + " |", "|---|" + "---:|" * len(head)]
+    for row in summary:
+        n = "-".join(str(v) for v in row["n_train"][::max(1, len(row["n_train"]) - 1)])
+        cells = [row["model"], f"{row['fraction']:g}", n] + [_pm(row[k]) for k in METRICS]
+        if with_delta:
+            d = row.get("delta_auc_vs_backbone")
+            cells.append(_pm(d, sign=True) if d else "(reference)")
+        lines.append("| " + " | ".join(cells + [str(len(row["seeds"]))]) + " |")
+    lines.append("")
+    lines.append("Test split; AUC is macro one-vs-rest. mean ± sample std over seeds (ddof=1; '-' with one seed). "
+                 "Δ: per seed, model minus backbone at the same fraction.")
+    return "\n".join(lines)

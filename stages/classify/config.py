@@ -1,0 +1,126 @@
+"""Configuration of a classification run (``pipeline train --task classify``): the settings,
+their validation, and the constructor arguments of the network they describe."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages.models.classifier import check_hub_weights
+from stages.models.registry import canonical, list_models
+
+@dataclass
+class ClassifyConfig:
+    """Everything ``pipeline train --task classify`` takes (see its --help)."""
+
+    store: str
+    out: str
+    model: str = "slca"
+    backbone: str = "resnet18"
+    backbone_weights: str | None = None
+    pretrained: bool = False
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None
+    data_root: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 0
+    slca_stages: str = "all"
+    slca_window: int = 8
+    slca_hidden: int = 64
+    slca_act: str = "gelu"
+    slca_gate: str = "residual"
+    slca_fuse: bool = False
+    head_width: int = 64
+    drop_rate: float = 0.0
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    patience: int = 10
+    class_weighting: bool = True
+    label_smoothing: float = 0.0
+    clip_grad: float = 1.0
+    precise_bn: int = 2048
+    augment: str = "flip"
+    train_fraction: float = 1.0
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    probe_c: str = "0.001,0.01,0.1,1,10"
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = -1
+    in_memory: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    attention_images: int = 6
+    plots: bool = True
+
+    def check(self) -> None:
+        """Refuse settings that cannot work with a one-line ValueError naming the option."""
+        if not is_model_kind(self.model):
+            raise ValueError(f"unknown --model {self.model!r}; choose one of: {', '.join(model_kinds())}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not self.lr > 0:
+            raise ValueError(f"--lr {self.lr}: must be positive")
+        if self.patience < 0 or self.warmup_epochs < 0 or self.slca_window < 0 or self.precise_bn < 0:
+            raise ValueError("--patience, --warmup-epochs, --slca-window and --precise-bn must be 0 or more")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"--train-fraction {self.train_fraction}: must be in (0, 1]")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+
+
+def model_kinds() -> list[str]:
+    """The registered classifiers in CLI spelling (``sam-head``)."""
+    return [n.replace("_", "-") for n in list_models()]
+
+
+def is_model_kind(name: str) -> bool:
+    return canonical(name) in list_models()
+
+
+
+def model_kwargs(cfg: ClassifyConfig, num_classes: int, img_size: int) -> dict[str, Any]:
+    """Constructor arguments saved in model.pt (enough to rebuild the network)."""
+    kind = canonical(cfg.model)
+    if kind in ("slca", "backbone"):
+        kw = dict(backbone=cfg.backbone, num_classes=num_classes, img_size=img_size, drop_rate=cfg.drop_rate,
+                  backbone_kwargs=dict(cfg.backbone_kwargs))
+        if kind == "slca":
+            kw.update(stages=cfg.slca_stages, window=cfg.slca_window, hidden=cfg.slca_hidden, act=cfg.slca_act,
+                      gate=cfg.slca_gate, fuse=bool(cfg.slca_fuse))
+        return kw
+    if kind == "sam_head":
+        return dict(num_classes=num_classes, width=cfg.head_width, drop_rate=cfg.drop_rate or 0.1)
+    return dict(num_classes=num_classes)
+
+
+def check_init(cfg: ClassifyConfig) -> None:
+    """Refuse backbone weights for models without a timm backbone, and both sources at once."""
+    if not (cfg.pretrained or cfg.backbone_weights):
+        return
+    if canonical(cfg.model) not in ("slca", "backbone"):
+        raise ValueError(f"--pretrained / --backbone-weights: --model {cfg.model} has no timm backbone; "
+                         "use --model slca or backbone, or drop them")
+    if cfg.pretrained and cfg.backbone_weights:
+        raise ValueError(f"{cfg.backbone_weights}: --pretrained and --backbone-weights both given; keep one "
+                         "(--backbone-weights PATH for a local file)")
+    if cfg.pretrained and not (cfg.resume and (Path(cfg.out) / "last.pt").exists()):
+        check_hub_weights(cfg.backbone)
+
+
+def init_kwargs(cfg: ClassifyConfig, out: Path) -> dict[str, Any]:
+    """Training-only constructor arguments: the backbone's starting weights. Deliberately not
+    in ``model_kwargs``: model.pt is rebuilt with random init and then loads its own trained
+    weights, so evaluate/predict never download or need the original file. A resumed run
+    skips them too (last.pt replaces every weight), so it works offline."""
+    if cfg.resume and (out / "last.pt").exists():
+        return {}
+    if cfg.backbone_weights:
+        return {"pretrained": cfg.backbone_weights}
+    return {"pretrained": True} if cfg.pretrained else {}

@@ -1,0 +1,66 @@
+"""The ``probe`` model's fit: scikit-learn logistic regression on pooled SAM embeddings."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import numpy as np
+
+from cache.schema import EMBED_SHAPE
+from stages.classify.data import Prepared
+from stages.classify.metrics import classification_metrics
+from stages.common.training import History
+from stages.models.sam_head import LinearProbe
+
+
+def pooled_features(loader) -> np.ndarray:
+    """Spatially averaged embeddings (N,256) float64, in dataset position order."""
+    n = len(loader.dataset)
+    out = np.zeros((n, EMBED_SHAPE[0]), np.float64)
+    for batch in loader:
+        out[batch["pos"].numpy()] = batch["sam"].float().mean(dim=(2, 3)).numpy()
+    return out
+
+
+def fit_probe(cfg, net: LinearProbe, train_loader, val_loader, prep: Prepared, history: History,
+              progress: bool = True) -> tuple[int, float]:
+    """Logistic regression on pooled embeddings; C chosen on validation AUC (one history
+    row per C). The fit is copied into ``net``; returns (index of the best C, that C)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    cs = [float(c) for c in str(cfg.probe_c).split(",") if c.strip()]
+    if not cs or min(cs) <= 0:
+        raise ValueError(f"--probe-c {cfg.probe_c!r}: give positive inverse regularisation strengths, e.g. 0.01,0.1,1")
+    labels = prep.joined.labels
+    y_tr, y_va = labels[prep.splits["train"]], labels[prep.splits["val"]]
+    if len(np.unique(y_tr)) < 2:
+        raise ValueError(f"{cfg.store}: the training subset holds one class; raise --train-fraction")
+    x_tr, x_va = pooled_features(train_loader), pooled_features(val_loader)
+    scaler = StandardScaler().fit(x_tr)
+    k = len(prep.classes)
+    best, best_fit, best_i = (-math.inf, -math.inf), None, 0
+    for i, c in enumerate(cs):
+        t = time.perf_counter()
+        lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if cfg.class_weighting else None)
+        lr.fit(scaler.transform(x_tr), y_tr)
+        full = np.zeros((len(x_va), k))
+        full[:, lr.classes_] = lr.predict_proba(scaler.transform(x_va))
+        vm = classification_metrics(y_va, full, prep.classes, log_loss(y_va, full, labels=list(range(k))))
+        p_tr = np.zeros((len(x_tr), k))
+        p_tr[:, lr.classes_] = lr.predict_proba(scaler.transform(x_tr))
+        value = (vm["auc"] if math.isfinite(vm["auc"]) else -math.inf, -vm["loss"])  # ties: lower val loss
+        history.append({"epoch": i + 1, "train_loss": log_loss(y_tr, p_tr, labels=list(range(k))),
+                        "val_loss": vm["loss"], "val_auc": vm["auc"], "val_accuracy": vm["accuracy"],
+                        "val_balanced_accuracy": vm["balanced_accuracy"], "val_f1_macro": vm["f1_macro"],
+                        "C": c, "seconds": time.perf_counter() - t})
+        if progress:
+            print(f"probe C={c:g}  val auc {vm['auc']:.4f}  val acc {vm['accuracy']:.4f}", file=sys.stderr)
+        if value > best:
+            best, best_fit, best_i = value, lr, i
+    if len(best_fit.classes_) != k:
+        raise ValueError(f"{cfg.store}: the training subset lacks some classes; raise --train-fraction")
+    net.set_from_sklearn(scaler, best_fit)
+    return best_i, cs[best_i]
