@@ -101,3 +101,25 @@ def test_train_refuses_an_option_of_the_other_task(tmp_path, args, flags):
     task = "segment" if "segment" in args else "classify"
     assert r.exit_code == 2 and f"error: {flags}: not an option of --task {task}" in r.output, r.output
     assert not out.exists()
+
+
+def test_every_train_option_reaches_the_config_of_its_tasks() -> None:
+    """Each `pipeline train` option is a field of ClassifyConfig, SegmentConfig or both (per
+    CLASSIFY_ONLY / SEGMENT_ONLY), so no option can be accepted and then dropped."""
+    import dataclasses
+
+    import typer.main
+
+    from pipeline import cmd_train
+    from stages.classify.config import ClassifyConfig
+    from stages.segment.config import SegmentConfig
+
+    params = {p.name for p in typer.main.get_command(app).commands["train"].params} - {"task", "quiet", "ctx"}
+    classify = {f.name for f in dataclasses.fields(ClassifyConfig)}
+    segment = {f.name for f in dataclasses.fields(SegmentConfig)}
+    for name in sorted(params):
+        field = cmd_train.RENAMED.get(name, name)
+        if name not in cmd_train.SEGMENT_ONLY:
+            assert field in classify, f"--{name} is not a ClassifyConfig field ({field})"
+        if name not in cmd_train.CLASSIFY_ONLY:
+            assert field in segment, f"--{name} is not a SegmentConfig field ({field})"

@@ -393,3 +393,18 @@ def test_compiled_net_falls_back_to_eager_when_compiling_fails(capsys):
         torch.testing.assert_close(compiled(x), net(x))
     err = capsys.readouterr().err
     assert err.count("torch.compile failed (RuntimeError: no C++ compiler found); running the eager encoder") == 1
+
+
+def test_available_memory_counts_reclaimable_cache_not_only_free_pages():
+    """--in-memory's check: MemAvailable (free + reclaimable cache) on Linux, never less than
+    the free pages alone (which were near zero after reading a store, and refused 0.4 GiB)."""
+    import os
+
+    from stages.common.runtime import available_memory
+
+    avail = available_memory()
+    assert avail is not None and avail > 0
+    if os.path.exists("/proc/meminfo"):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        assert avail >= 0.9 * free  # the two are read at slightly different moments
+        assert avail <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

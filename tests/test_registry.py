@@ -126,11 +126,13 @@ def test_registry_modules_import_no_implementation(path):
 # one argument set every classifier accepts (SAM-only models ignore the backbone options);
 # timm's zero_init_last=False so that only SLCA's own zero-initialised conv blocks gradients
 CLASSIFIER_KW = dict(num_classes=3, backbone="resnet10t", img_size=64, backbone_kwargs=dict(zero_init_last=False))
-CLASSIFIER_CASES = [(name, {}) for name in list_models()] + [("slca", dict(gate="mul", fuse=True))]
+CLASSIFIER_CASES = [(name, {}) for name in list_models()] + [("slca", dict(gate="mul", fuse=True)),
+                                                             ("slca", dict(norm=True, branch=True))]
 # parameters that get an exactly-zero gradient at initialisation, by design: SLCA's residual
 # gate starts at the identity with its last conv (fc2) zero, so nothing flows back to fc1
 # until fc2 moves (fc2 itself gets a gradient at once); the "mul" gate has no zero init
-ZERO_GRAD_AT_INIT = {"slca": r"slca\.\w+\.fc1\.(weight|bias)"}
+# (with norm=True the SAM-channel BatchNorm before fc1 too)
+ZERO_GRAD_AT_INIT = {"slca": r"slca\.\w+\.(fc1|norm)\.(weight|bias)"}
 
 
 def _case_id(case) -> str:

@@ -40,7 +40,8 @@ from stages.common.trainer import RESUME_FREE
 
 COMPARE_FORMAT = "sam-feature-pipeline/compare"
 ALIASES = {"gate": "slca_gate", "window": "slca_window", "stages": "slca_stages", "hidden": "slca_hidden",
-           "act": "slca_act", "fuse": "slca_fuse", "img": "img_size"}
+           "act": "slca_act", "fuse": "slca_fuse", "norm": "slca_norm", "branch": "slca_branch",
+           "lr_mult": "slca_lr_mult", "img": "img_size"}
 # set by the comparison itself, per run
 CONTROLLED = ("store", "out", "model", "train_fraction", "seed", "resume", "overwrite")
 # config.json keys that may differ between a reused run and the request (no effect on the result)

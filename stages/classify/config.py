@@ -30,6 +30,9 @@ class ClassifyConfig:
     slca_act: str = "gelu"
     slca_gate: str = "residual"
     slca_fuse: bool = False
+    slca_norm: bool = False
+    slca_branch: bool = False
+    slca_lr_mult: float = 1.0
     head_width: int = 64
     drop_rate: float = 0.0
     epochs: int = 30
@@ -67,6 +70,8 @@ class ClassifyConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not self.lr > 0:
             raise ValueError(f"--lr {self.lr}: must be positive")
+        if not self.slca_lr_mult > 0:
+            raise ValueError(f"--slca-lr-mult {self.slca_lr_mult}: must be positive")
         if self.patience < 0 or self.warmup_epochs < 0 or self.slca_window < 0 or self.precise_bn < 0:
             raise ValueError("--patience, --warmup-epochs, --slca-window and --precise-bn must be 0 or more")
         if not 0 < self.train_fraction <= 1:
@@ -93,7 +98,8 @@ def model_kwargs(cfg: ClassifyConfig, num_classes: int, img_size: int) -> dict[s
                   backbone_kwargs=dict(cfg.backbone_kwargs))
         if kind == "slca":
             kw.update(stages=cfg.slca_stages, window=cfg.slca_window, hidden=cfg.slca_hidden, act=cfg.slca_act,
-                      gate=cfg.slca_gate, fuse=bool(cfg.slca_fuse))
+                      gate=cfg.slca_gate, fuse=bool(cfg.slca_fuse), norm=bool(cfg.slca_norm),
+                      branch=bool(cfg.slca_branch))
         return kw
     if kind == "sam_head":
         return dict(num_classes=num_classes, width=cfg.head_width, drop_rate=cfg.drop_rate or 0.1)

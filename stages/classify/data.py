@@ -10,7 +10,6 @@ augmentation ``augment``.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -24,6 +23,7 @@ from cache import FeatureStore
 from cache.schema import EMBED_SHAPE
 from stages.common.geometry import PAD, check_geometry, input_geometry
 from stages.common.joined import Joined
+from stages.common.runtime import available_memory
 
 IMAGE_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # timm/ImageNet statistics, so that
 IMAGE_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)  # local timm checkpoints see familiar input
@@ -154,9 +154,8 @@ def load_features(store: FeatureStore, rows: np.ndarray, progress: bool = False)
 def check_fits(n: int, sam: bool, image: bool, img_size: int, where: str) -> None:
     """Refuse --in-memory when the data would take more than 80% of the available memory."""
     need = n * ((int(np.prod(EMBED_SHAPE)) * 2 if sam else 0) + (3 * img_size * img_size * 2 if image else 0))
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+    avail = available_memory()
+    if avail is None:
         return
     if need > 0.8 * avail:
         raise ValueError(f"{where}: --in-memory needs {need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB are free; "

@@ -88,7 +88,8 @@ class ClassifyTrainer(Trainer):
                          amp=amp, device=device, resume=cfg.resume, clip=cfg.clip_grad, progress=progress)
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(self.net, self.cfg.lr, self.cfg.weight_decay)
+        mult = {"slca.": self.cfg.slca_lr_mult} if self.cfg.slca_lr_mult != 1 else None
+        optimizer = make_optimizer(self.net, self.cfg.lr, self.cfg.weight_decay, mult)
         steps = len(self.train_loader)
         return optimizer, cosine_schedule(optimizer, self.cfg.epochs * steps, self.cfg.warmup_epochs * steps)
 

@@ -85,3 +85,20 @@ def loader_workers(device: torch.device, in_memory: bool) -> int:
     if in_memory or cores < 2:
         return 0
     return min(4, cores - 1) if device.type == "cuda" else 1
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give this process now without swapping: Linux's MemAvailable
+    (free pages plus reclaimable page cache; after reading a store most memory is cache, so
+    "free" alone can be near zero on an idle machine), else the free pages; None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -1,6 +1,7 @@
 """Task-independent training utilities (classification and segmentation share them):
 seeding, AdamW + cosine schedule, class weights, early stopping, mixed precision, the
-NaN guard, atomic checkpoints with resume, and the per-epoch history CSV."""
+NaN guard, precise BN, atomic checkpoints, the resume check and the per-epoch history CSV.
+The workflow that uses them is ``stages.common.trainer``."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,14 +51,19 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; biases, norm weights and other 1-D parameters get no decay."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                   lr_mult: Mapping[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW; biases, norm weights and other 1-D parameters get no decay. ``lr_mult``:
+    parameter-name prefix -> learning-rate factor (e.g. ``{"slca.": 10}``, so that blocks
+    starting at the identity can move within a short run); the schedule scales every group."""
+    groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+            mult = next((m for prefix, m in (lr_mult or {}).items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((p.ndim > 1, mult), []).append(p)
+    order = sorted(groups, key=lambda k: (k[1] != 1.0, k[1], not k[0]))  # plain groups first: decay, no decay
+    return torch.optim.AdamW([{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr": lr * k[1]}
+                              for k in order], lr=lr)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
@@ -239,8 +245,3 @@ def precise_bn(net: nn.Module, batches: Iterable[Any], forward: Callable[[Any], 
         for m, mom in zip(bns, momenta):
             m.momentum = mom
     return seen
-
-
-def batches(n: int, size: int) -> Iterator[slice]:
-    for a in range(0, n, size):
-        yield slice(a, min(a + size, n))

@@ -24,6 +24,7 @@ from torch import nn
 from stages.models.layers.slca import SLCA
 from cache.schema import EMBED_SHAPE
 from stages.models.registry import register_model
+from stages.models.sam_head import SAMHead
 
 SAM_CHANNELS = EMBED_SHAPE[0]
 
@@ -183,10 +184,12 @@ class SLCAClassifier(nn.Module):
         img_size: S, the side of the (square) image input.
         slca: False builds the plain backbone (``sam`` is then ignored).
         stages: where SLCA goes (``resolve_stages``).
-        window, hidden, act, gate: the SLCA block (``layers.slca.SLCA``).
+        window, hidden, act, gate, norm: the SLCA block (``layers.slca.SLCA``).
         fuse: also add ``Linear(LayerNorm(mean_hw(sam)))`` (B,K) to the backbone's logits,
             so the classifier reads the SAM descriptor directly, as the probe does (a gate
             can only re-weight what a backbone trained on few labels has learnt).
+        branch: also add the logits of a ``SAMHead`` (the sam-head CNN on the SAM grid), so
+            the model sees everything sam-head sees, plus the image (late fusion).
         drop_rate: dropout before the classifier.
         pretrained: the backbone's initial weights (``create_backbone``): False (random), True
             (timm's, from the hub or its cache) or a local checkpoint path. Training only: a
@@ -198,7 +201,7 @@ class SLCAClassifier(nn.Module):
     def __init__(self, backbone: str = "resnet18", num_classes: int = 2, img_size: int = 64,
                  slca: bool = True, stages: str | Sequence[int | str] = "all", window: int = 8,
                  hidden: int = 64, act: str = "gelu", gate: str = "residual", fuse: bool = False,
-                 drop_rate: float = 0.0, backbone_kwargs: dict | None = None,
+                 norm: bool = False, branch: bool = False, drop_rate: float = 0.0, backbone_kwargs: dict | None = None,
                  pretrained: bool | str | Path = False):
         super().__init__()
         self.net = create_backbone(backbone, num_classes, img_size, drop_rate, pretrained,
@@ -211,6 +214,7 @@ class SLCAClassifier(nn.Module):
         self._sam: torch.Tensor | None = None
         self.fuse = nn.Sequential(nn.LayerNorm(SAM_CHANNELS), nn.Linear(SAM_CHANNELS, num_classes)) \
             if slca and fuse else None
+        self.branch = SAMHead(num_classes, drop_rate=drop_rate or 0.1) if slca and branch else None
         if not slca:
             return
         if not info:
@@ -219,7 +223,7 @@ class SLCAClassifier(nn.Module):
         for i in resolve_stages(info, stages):
             name, chs = info[i]["module"], int(info[i]["num_chs"])
             key = name.replace(".", "_")
-            self.slca[key] = SLCA(chs, SAM_CHANNELS, window, hidden, act, gate)
+            self.slca[key] = SLCA(chs, SAM_CHANNELS, window, hidden, act, gate, norm)
             self.stage_names.append(name)
             self.net.get_submodule(name).register_forward_hook(_Inject(self, key))
 
@@ -239,6 +243,8 @@ class SLCAClassifier(nn.Module):
         logits = self.forward_head(self.forward_features(image, sam))
         if self.fuse is not None:
             logits = logits + self.fuse(sam.mean(dim=(2, 3)).to(logits.dtype))
+        if self.branch is not None:
+            logits = logits + self.branch(None, sam).to(logits.dtype)
         return logits
 
     @torch.no_grad()
@@ -308,6 +314,6 @@ def slca(**kwargs) -> SLCAClassifier:
 @register_model
 def backbone(**kwargs) -> SLCAClassifier:
     """The same backbone without SLCA (the baseline); SLCA options are ignored."""
-    for k in ("stages", "window", "hidden", "act", "gate", "fuse"):
+    for k in ("stages", "window", "hidden", "act", "gate", "fuse", "norm", "branch"):
         kwargs.pop(k, None)
     return SLCAClassifier(slca=False, **kwargs)

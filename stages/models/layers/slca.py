@@ -52,10 +52,13 @@ class SLCA(nn.Module):
         hidden: r, the bottleneck width.
         act: "gelu", "relu" or "silu".
         gate: "residual" (x * 2a = x * (1 + (2a - 1)), identity at init) or "mul" (x * a).
+        norm: standardise each SAM channel (BatchNorm over batch and windows) before the
+            bottleneck; LiteMedSAM's embeddings are small (std ~0.1), so unnormalised they
+            move the gate little.
     """
 
     def __init__(self, out_chs: int, in_chs: int = 256, window: int = 8, hidden: int = 64,
-                 act: str = "gelu", gate: str = "residual"):
+                 act: str = "gelu", gate: str = "residual", norm: bool = False):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown SLCA gate {gate!r}; use one of {', '.join(GATES)}")
@@ -64,6 +67,7 @@ class SLCA(nn.Module):
         if window < 0 or hidden < 1:
             raise ValueError(f"SLCA window must be >= 0 and hidden >= 1 (got window={window}, hidden={hidden})")
         self.window, self.gate = window, gate
+        self.norm = nn.BatchNorm2d(in_chs) if norm else nn.Identity()
         self.fc1 = nn.Conv2d(in_chs, hidden, 1)
         self.act = ACTS[act]()
         self.fc2 = nn.Conv2d(hidden, out_chs, 1)
@@ -81,7 +85,7 @@ class SLCA(nn.Module):
 
     def attention(self, sam: torch.Tensor) -> torch.Tensor:
         """Channel attention per window: (B,256,G,G) -> (B,C,g,g) in (0,1)."""
-        return torch.sigmoid(self.fc2(self.act(self.fc1(self.pool(sam)))))
+        return torch.sigmoid(self.fc2(self.act(self.fc1(self.norm(self.pool(sam))))))
 
     def gate_map(self, sam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The multiplicative factor applied to the stage: (B,C,H,W)."""
