@@ -24,7 +24,6 @@ from torch import nn
 from stages.models.layers.slca import SLCA
 from cache.schema import EMBED_SHAPE
 from stages.models.registry import register_model
-from stages.models.sam_head import SAMHead
 
 SAM_CHANNELS = EMBED_SHAPE[0]
 
@@ -214,7 +213,13 @@ class SLCAClassifier(nn.Module):
         self._sam: torch.Tensor | None = None
         self.fuse = nn.Sequential(nn.LayerNorm(SAM_CHANNELS), nn.Linear(SAM_CHANNELS, num_classes)) \
             if slca and fuse else None
-        self.branch = SAMHead(num_classes, drop_rate=drop_rate or 0.1) if slca and branch else None
+        self.branch = None
+        if slca and branch:
+            # imported here, not at the top: sam_head registers its models on import, and the
+            # registry lists models in registration order (slca, backbone first)
+            from stages.models.sam_head import SAMHead
+
+            self.branch = SAMHead(num_classes, drop_rate=drop_rate or 0.1)
         if not slca:
             return
         if not info:
