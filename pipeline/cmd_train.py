@@ -25,7 +25,8 @@ image changed since extraction, is refused.
 """
 # options of one task only (parameter names); the rest mean the same for both
 CLASSIFY_ONLY = ("model", "backbone", "backbone_weights", "pretrained", "img_size", "slca_stages", "slca_window",
-                 "slca_hidden", "slca_act", "slca_gate", "slca_fuse", "slca_norm", "slca_branch", "slca_lr_mult",
+                 "slca_hidden", "slca_act", "slca_gate", "slca_fuse", "slca_norm", "slca_branch", "slca_spatial",
+                 "slca_add", "slca_lr_mult",
                  "sam_head_width", "drop_rate", "warmup_epochs",
                  "class_weights", "label_smoothing", "clip_grad", "precise_bn", "augment", "split_seed",
                  "val_fraction", "test_fraction", "probe_c", "attention_images", "plots")
@@ -56,8 +57,10 @@ def train(
     slca_act: str = typer.Option("gelu", "--slca-act", help="SLCA activation: gelu, relu, silu."),
     slca_gate: str = typer.Option("residual", "--slca-gate", help="residual: x*(1+(2a-1)), exactly the identity at init; mul: x*a (SE style)."),
     slca_fuse: bool = typer.Option(False, "--slca-fuse/--no-slca-fuse", help="slca: also add a linear layer on the pooled SAM embedding to the logits (measured in README, Benchmarks)."),
-    slca_norm: bool = typer.Option(False, "--slca-norm/--no-slca-norm", help="slca: standardise each SAM channel (BatchNorm) before the SLCA bottleneck."),
-    slca_branch: bool = typer.Option(False, "--slca-branch/--no-slca-branch", help="slca: also add the logits of a sam-head CNN on the SAM grid (late fusion)."),
+    slca_norm: bool = typer.Option(True, "--slca-norm/--no-slca-norm", help="slca: standardise each SAM channel (BatchNorm) before the SLCA bottleneck."),
+    slca_branch: bool = typer.Option(True, "--slca-branch/--no-slca-branch", help="slca: also add the logits of a sam-head CNN on the SAM grid (late fusion)."),
+    slca_spatial: bool = typer.Option(False, "--slca-spatial/--no-slca-spatial", help="slca: also a spatial map per SAM window, multiplied into the channel gate."),
+    slca_add: bool = typer.Option(False, "--slca-add/--no-slca-add", help="slca: also add projected SAM features to each gated stage (fusion)."),
     slca_lr_mult: float = typer.Option(1.0, "--slca-lr-mult", help="slca: learning-rate factor of the SLCA blocks."),
     sam_head_width: int = typer.Option(64, "--sam-head-width", help="Width of the sam-head CNN."),
     drop_rate: float = typer.Option(0.0, "--drop-rate", help="Dropout before the classifier (sam-head: 0 means 0.1)."),

@@ -56,6 +56,9 @@ def test_table_and_json_equal_the_runs_metrics(compared):
         for key in ("auc", "accuracy", "balanced_accuracy"):
             v = np.array([m["test"][key] for m in ms])
             assert row[key]["mean"] == pytest.approx(v.mean()) and row[key]["std"] == pytest.approx(v.std(ddof=1))
+        val = np.array([m["val"]["auc"] for m in ms])
+        assert row["val_auc"]["mean"] == pytest.approx(val.mean())
+        assert row["gate_max_dev"]["n"] == 0  # no SLCA in these models
         cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k in ("auc", "accuracy", "balanced_accuracy")]
         line = f"| {model} | {frac:g} | {row['n_train'][0]} | " + " | ".join(cells)
         assert line in md, (line, md)
@@ -68,6 +71,24 @@ def test_table_and_json_equal_the_runs_metrics(compared):
     assert (out / "compare.png").stat().st_size > 1000
 
 
+def test_slca_runs_report_their_gate_spread(toy, tmp_path):
+    """compare runs write no figures, but every SLCA run still records its gates, and the
+    table's gate column is the largest departure from the identity over its stages."""
+    ds, url = toy
+    cc = CompareConfig(store=url, out=str(tmp_path / "cmp"), models=["slca/norm=1"], fractions=[1.0], seeds=[0],
+                       options=FAST)
+    report = run_compare(cc, dataset=ds, progress=False)
+    run_out = cmp.run_dir(cc.out, "slca/norm=1", 1.0, 0)
+    saved = json.loads((run_out / "slca_gates.json").read_text())
+    assert not (run_out / "slca_attention.png").exists()
+    assert report["runs"][0]["gates"] == saved and len(saved) >= 2
+    worst = max(g["max_abs_dev"] for g in saved.values())
+    assert worst > 0 and report["summary"][0]["gate_max_dev"]["mean"] == pytest.approx(worst)
+    assert f"{worst:.3f}" in (tmp_path / "cmp" / "compare.md").read_text()
+    with pytest.raises(ValueError, match=r"other settings \(slca_window\)"):  # they do concern slca runs
+        run_compare(dataclasses.replace(cc, options={**FAST, "slca_window": 4}), dataset=ds, progress=False)
+
+
 def test_second_invocation_reuses_every_finished_run(compared, toy):
     cc, first = compared
     ds, _ = toy
@@ -78,6 +99,10 @@ def test_second_invocation_reuses_every_finished_run(compared, toy):
     assert len(pts) == 8 and {p: p.stat().st_mtime_ns for p in pts} == before
     assert {r["status"] for r in again["runs"]} == {"reused"}
     assert again["summary"] == first["summary"]
+    # SLCA settings do not concern backbone and probe runs: another SLCA default reuses them
+    slca_changed = {**FAST, "slca_window": 4, "slca_norm": False}
+    assert {r["status"] for r in run_compare(dataclasses.replace(cc, options=slca_changed), dataset=ds,
+                                             progress=False)["runs"]} == {"reused"}
 
 
 def test_interrupted_run_resumes_and_the_rest_is_trained(toy, tmp_path, monkeypatch):
@@ -166,7 +191,7 @@ def test_cli_compare_on_a_real_store(synthetic_store, tmp_path):
             "--seeds", "0", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--set", "precise_bn=0", "-q"]
     r = _cli(args)
     assert r.exit_code == 0, r.output
-    assert "| probe | 1 |" in r.stdout and "| sam-head | 1 |" in r.stdout and "± -" in r.stdout
+    assert "| probe | 1 |" in r.stdout and "| sam-head | 1 |" in r.stdout and "±" not in r.stdout.split("\n\n")[0]
     assert r.stdout.startswith((out / "compare.md").read_text().strip().splitlines()[0])
     assert json.loads((out / "compare.json").read_text())["complete"]
     assert (out / "runs" / "sam-head" / "f1" / "s0" / "model.pt").is_file()

@@ -68,6 +68,28 @@ def test_slca_mul_gate_and_channels_last_match():
         SLCA(8, gate="add")
 
 
+def test_slca_spatial_map_and_additive_fusion_start_as_identity_then_act():
+    """spatial: one factor per window for all channels; add: a per-window shift. Both
+    start at zero (identity), both get a gradient at once, channels_last agrees."""
+    x, sam = torch.randn(2, 8, 16, 16), _sam()
+    block = SLCA(8, window=8, spatial=True, add=True)
+    assert torch.equal(block(x, sam), x)
+    block(x, sam).square().sum().backward()
+    assert block.spatial.weight.grad.abs().sum() > 0 and block.inject.weight.grad.abs().sum() > 0
+    spatial = SLCA(8, window=8, spatial=True)
+    with torch.no_grad():
+        spatial.spatial.weight.normal_(0, 1.0)
+        spatial.spatial.bias.fill_(0.5)
+    g = spatial.gate_map(sam, (8, 8))  # fc2 still zero: the channel gate is 1
+    assert torch.allclose(g, g[:, :1].expand_as(g)) and not torch.allclose(g, torch.ones_like(g))
+    fused = SLCA(8, window=8, add=True)
+    with torch.no_grad():
+        fused.inject.bias.fill_(0.25)
+    torch.testing.assert_close(fused(x, sam), x + 0.25)
+    y = fused(x.permute(0, 2, 3, 1), sam, channels_last=True)
+    torch.testing.assert_close(y.permute(0, 3, 1, 2), x + 0.25)
+
+
 def test_resolve_stages_specs():
     info = timm.create_model("resnet10t").feature_info
     names = [d["module"] for d in info]

@@ -127,7 +127,8 @@ def test_registry_modules_import_no_implementation(path):
 # timm's zero_init_last=False so that only SLCA's own zero-initialised conv blocks gradients
 CLASSIFIER_KW = dict(num_classes=3, backbone="resnet10t", img_size=64, backbone_kwargs=dict(zero_init_last=False))
 CLASSIFIER_CASES = [(name, {}) for name in list_models()] + [("slca", dict(gate="mul", fuse=True)),
-                                                             ("slca", dict(norm=True, branch=True))]
+                                                             ("slca", dict(norm=True, branch=True)),
+                                                             ("slca", dict(spatial=True, add=True))]
 # parameters that get an exactly-zero gradient at initialisation, by design: SLCA's residual
 # gate starts at the identity with its last conv (fc2) zero, so nothing flows back to fc1
 # until fc2 moves (fc2 itself gets a gradient at once); the "mul" gate has no zero init

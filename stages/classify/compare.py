@@ -37,10 +37,12 @@ from stages.common.jsonio import jsonable
 from stages.classify.config import ClassifyConfig, is_model_kind, model_kinds
 from stages.classify.train import OUTPUT_FILES, train_classifier
 from stages.common.trainer import RESUME_FREE
+from stages.models.registry import canonical
 
 COMPARE_FORMAT = "sam-feature-pipeline/compare"
 ALIASES = {"gate": "slca_gate", "window": "slca_window", "stages": "slca_stages", "hidden": "slca_hidden",
            "act": "slca_act", "fuse": "slca_fuse", "norm": "slca_norm", "branch": "slca_branch",
+           "spatial": "slca_spatial", "add": "slca_add",
            "lr_mult": "slca_lr_mult", "img": "img_size"}
 # set by the comparison itself, per run
 CONTROLLED = ("store", "out", "model", "train_fraction", "seed", "resume", "overwrite")
@@ -51,7 +53,7 @@ DONE = {"train": "trained", "reuse": "reused", "resume": "resumed", "overwrite":
 # backbone weights only mean something for models with a timm backbone; a comparison applies
 # them there and trains probe / sam-head as usual instead of refusing the whole command
 BACKBONE_ONLY = ("pretrained", "backbone_weights")
-STD = "sample standard deviation over seeds (ddof=1); None/'-' with one seed"
+STD = "sample standard deviation over seeds (ddof=1); None (not shown) with one seed"
 _FIELDS = {f.name: f for f in dataclasses.fields(ClassifyConfig)}
 
 
@@ -142,10 +144,12 @@ def run_dir(out: str | Path, spec: str, fraction: float, seed: int) -> Path:
 
 
 def _same(old: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    """Keys whose values differ (options added since the old run count as their defaults)."""
+    """Keys whose values differ (options added since the old run count as their defaults;
+    SLCA settings only for slca runs, so a new SLCA default keeps the other runs reusable)."""
     defaults = dataclasses.asdict(ClassifyConfig(store="", out=""))
     old = {**defaults, **old}
-    return [k for k in want if k not in FREE and old.get(k) != want[k]]
+    slca_run = canonical(str(want.get("model"))) == "slca"
+    return [k for k in want if k not in FREE and (slca_run or not k.startswith("slca_")) and old.get(k) != want[k]]
 
 
 def plan_run(run: Run, overwrite: bool) -> Run:
@@ -252,11 +256,13 @@ def run_compare(cc: CompareConfig, dataset=None, progress: bool = True) -> dict[
             log(f"{where}: {'resuming' if r.status == 'resume' else 'training'} in {r.cfg.out}", progress)
             train_classifier(r.cfg, dataset=dataset, progress=progress)
         m = json.loads((Path(r.cfg.out) / "metrics.json").read_text())
+        gates_file = Path(r.cfg.out) / "slca_gates.json"
+        gates = json.loads(gates_file.read_text()) if gates_file.exists() else None
         log(f"{where}: {DONE[r.status]}, test auc {_fmt(m['test'].get('auc'))} "
             f"accuracy {_fmt(m['test'].get('accuracy'))}", progress)
         report["runs"].append({"model": r.model, "fraction": r.fraction, "seed": r.seed, "status": DONE[r.status],
                                "dir": str(Path(r.cfg.out).relative_to(out)), "n_train": m.get("n_train"),
-                               "metrics": m})
+                               "metrics": m, "gates": gates})
     report["summary"] = summarize(report["runs"], cc.models, cc.fractions)
     report["complete"] = True
     _write_json(report, out / "compare.json")
@@ -291,6 +297,10 @@ def summarize(runs: Sequence[dict[str, Any]], models: Sequence[str], fractions: 
                                    "n_train": sorted({r["n_train"] for r in rs})}
             for key in METRICS:
                 row[key] = mean_std([test(r, key) for r in rs])
+            row["val_auc"] = mean_std([r["metrics"].get("val", {}).get("auc") for r in rs])
+            # per run, the stage whose gates depart most from the identity
+            row["gate_max_dev"] = mean_std([max(g["max_abs_dev"] for g in r["gates"].values())
+                                            for r in rs if r.get("gates")])
             if base and model != "backbone":
                 diffs = [test(r, "auc") - base[r["seed"]] for r in rs if r["seed"] in base
                          and test(r, "auc") is not None and base[r["seed"]] is not None]
@@ -306,13 +316,16 @@ def _fmt(x: float | None, sign: bool = False) -> str:
 
 
 def _pm(s: dict[str, Any], sign: bool = False) -> str:
-    return f"{_fmt(s['mean'], sign)} ± {_fmt(s['std'])}" if s["mean"] is not None else "-"
+    if s["mean"] is None:
+        return "-"
+    return _fmt(s["mean"], sign) if s["std"] is None else f"{_fmt(s['mean'], sign)} ± {_fmt(s['std'])}"
 
 
 def format_table(summary: Sequence[dict[str, Any]], with_delta: bool) -> str:
     """Markdown table of ``summarize``'s rows, with the spread convention under it."""
     head = ["model", "fraction", "train images", "test AUC", "test accuracy", "test balanced accuracy"]
     head += ["Δ AUC vs backbone (paired)"] if with_delta else []
+    head += ["val AUC", "gate max abs(g-1)"]
     lines = ["| " + " | ".join(head + ["seeds"]) + " |", "|---|" + "---:|" * len(head)]
     for row in summary:
         n = "-".join(str(v) for v in row["n_train"][::max(1, len(row["n_train"]) - 1)])
@@ -320,8 +333,11 @@ def format_table(summary: Sequence[dict[str, Any]], with_delta: bool) -> str:
         if with_delta:
             d = row.get("delta_auc_vs_backbone")
             cells.append(_pm(d, sign=True) if d else "(reference)")
+        cells += [_pm(row["val_auc"]), _pm(row["gate_max_dev"])]
         lines.append("| " + " | ".join(cells + [str(len(row["seeds"]))]) + " |")
     lines.append("")
-    lines.append("Test split; AUC is macro one-vs-rest. mean ± sample std over seeds (ddof=1; '-' with one seed). "
-                 "Δ: per seed, model minus backbone at the same fraction.")
+    lines.append("Test split; AUC is macro one-vs-rest. mean ± sample std over seeds (ddof=1; no spread with one seed). "
+                 "Δ: per seed, model minus backbone at the same fraction. Choose a setting by val AUC, "
+                 "never by a test column. gate: the largest departure of an SLCA gate from the identity "
+                 "on the test split, per run (its most-moved stage).")
     return "\n".join(lines)

@@ -13,6 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot_compare(summary: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Mean test AUC over seeds with sample-std error bars; log x axis when the fractions span 10x."""
     fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    draw_compare(ax, summary)
+    ax.set_title("mean ± sample std over seeds")
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def draw_compare(ax, summary: Sequence[dict[str, Any]]) -> None:
+    """``plot_compare``'s lines on one matplotlib axes (a panel of a larger figure)."""
     models = list(dict.fromkeys(row["model"] for row in summary))
     fractions = sorted({row["fraction"] for row in summary})
     for i, model in enumerate(models):
@@ -33,10 +43,5 @@ def plot_compare(summary: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.set_xticklabels([f"{f:g}" for f in fractions])
     ax.set_xlabel("labelled fraction of the training split")
     ax.set_ylabel("test AUC (macro one-vs-rest)")
-    ax.set_title("mean ± sample std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path

@@ -65,6 +65,10 @@ def score_and_write(net: nn.Module, parts: dict[str, tuple[np.ndarray, Any]], pr
         w.writerow(["id", "split", "label", "label_name", "pred", "pred_name",
                     *[f"prob_{safe_name(c)}" for c in classes]])
         w.writerows(rows_out)
+    split = "test" if "test" in results else next(iter(results), None)
+    if getattr(net, "stage_names", None) and split and len(results[split][0]):
+        # always, plots or not: how far the SAM features moved the backbone is a result
+        write_gate_stats(net, st, results[split][0], device, out / "slca_gates.json")
     if plots:
         write_plots(net, results, prep, device, out, attention_images)
     return metrics
@@ -93,7 +97,6 @@ def write_plots(net, results, prep: Prepared, device, out: Path, attention_image
         images = torch.stack([prepare_image(ds.load_image(int(r)), prep.img_size, geometry) for r in sel])
         sam = torch.from_numpy(st.read(sel, np.float32)).to(device)
         gates = {k: v.float().cpu().numpy() for k, v in net.eval().gates(sam).items()}
-        write_gate_stats(net, st, rows, device, out / "slca_gates.json")
         shown = (images * IMAGE_STD + IMAGE_MEAN).clamp(0, 1)
         shown = shown[:, 0].numpy() if torch.equal(shown[:, 0], shown[:, 1]) else shown.permute(0, 2, 3, 1).numpy()
         titles = [f"{st.ids[r]}\n{classes[y[i]]} -> {classes[int(probs[i].argmax())]} "

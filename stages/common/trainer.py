@@ -130,6 +130,8 @@ class Trainer:
                 value, fields, monitor = val
                 improved = self.early.step(value, epoch)
                 row.update(fields)
+                if improved:
+                    self.on_improved(epoch)
             if improved or not self.model_path.exists():
                 self.save(self.model_path, epoch + 1, {"monitor": monitor or {}})
             row.update(lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t)
@@ -144,6 +146,9 @@ class Trainer:
                 log(self.stopped, self.progress)
                 break
         return self.best_epoch
+
+    def on_improved(self, epoch: int) -> None:
+        """Called after a validation that early stopping counted as the best so far."""
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass of optimizer steps; the sample-weighted means of the loss and its parts."""

@@ -51,6 +51,16 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_schedule(epochs: int, batch_size: int, lr: float) -> None:
+    """Refuse a training schedule that cannot run, with a one-line ValueError naming the
+    option; shared by every task's config so the messages agree."""
+    for name, value in (("epochs", epochs), ("batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"--{name} {value}: must be at least 1")
+    if not lr > 0:
+        raise ValueError(f"--lr {lr}: must be positive")
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
                    lr_mult: Mapping[str, float] | None = None) -> torch.optim.AdamW:
     """AdamW; biases, norm weights and other 1-D parameters get no decay. ``lr_mult``:

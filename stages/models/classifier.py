@@ -183,7 +183,7 @@ class SLCAClassifier(nn.Module):
         img_size: S, the side of the (square) image input.
         slca: False builds the plain backbone (``sam`` is then ignored).
         stages: where SLCA goes (``resolve_stages``).
-        window, hidden, act, gate, norm: the SLCA block (``layers.slca.SLCA``).
+        window, hidden, act, gate, norm, spatial, add: the SLCA block (``layers.slca.SLCA``).
         fuse: also add ``Linear(LayerNorm(mean_hw(sam)))`` (B,K) to the backbone's logits,
             so the classifier reads the SAM descriptor directly, as the probe does (a gate
             can only re-weight what a backbone trained on few labels has learnt).
@@ -200,7 +200,8 @@ class SLCAClassifier(nn.Module):
     def __init__(self, backbone: str = "resnet18", num_classes: int = 2, img_size: int = 64,
                  slca: bool = True, stages: str | Sequence[int | str] = "all", window: int = 8,
                  hidden: int = 64, act: str = "gelu", gate: str = "residual", fuse: bool = False,
-                 norm: bool = False, branch: bool = False, drop_rate: float = 0.0, backbone_kwargs: dict | None = None,
+                 norm: bool = False, branch: bool = False, spatial: bool = False, add: bool = False,
+                 drop_rate: float = 0.0, backbone_kwargs: dict | None = None,
                  pretrained: bool | str | Path = False):
         super().__init__()
         self.net = create_backbone(backbone, num_classes, img_size, drop_rate, pretrained,
@@ -228,7 +229,7 @@ class SLCAClassifier(nn.Module):
         for i in resolve_stages(info, stages):
             name, chs = info[i]["module"], int(info[i]["num_chs"])
             key = name.replace(".", "_")
-            self.slca[key] = SLCA(chs, SAM_CHANNELS, window, hidden, act, gate, norm)
+            self.slca[key] = SLCA(chs, SAM_CHANNELS, window, hidden, act, gate, norm, spatial, add)
             self.stage_names.append(name)
             self.net.get_submodule(name).register_forward_hook(_Inject(self, key))
 
@@ -319,6 +320,6 @@ def slca(**kwargs) -> SLCAClassifier:
 @register_model
 def backbone(**kwargs) -> SLCAClassifier:
     """The same backbone without SLCA (the baseline); SLCA options are ignored."""
-    for k in ("stages", "window", "hidden", "act", "gate", "fuse", "norm", "branch"):
+    for k in ("stages", "window", "hidden", "act", "gate", "fuse", "norm", "branch", "spatial", "add"):
         kwargs.pop(k, None)
     return SLCAClassifier(slca=False, **kwargs)

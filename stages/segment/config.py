@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from stages.common.training import check_schedule
 from stages.models.heads import list_heads
 
 
@@ -66,11 +67,7 @@ class SegmentConfig:
         """Refuse impossible values with a one-line ValueError naming the option."""
         if self.head not in list_heads():
             raise ValueError(f"--head {self.head!r}: choose one of {', '.join(list_heads())}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if not self.lr > 0:
-            raise ValueError(f"--lr {self.lr}: must be positive")
+        check_schedule(self.epochs, self.batch_size, self.lr)
         if self.workers < -1:
             raise ValueError(f"--workers {self.workers}: must be -1 (automatic) or 0 or more")
         for name in ("steps_per_epoch", "patience", "overlays", "labeled_volumes"):

@@ -2,7 +2,6 @@
 re-scores a saved ``model.pt`` on a store + dataset (``pipeline evaluate``)."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch import nn
 from cache import FeatureStore, SignatureMismatchError
 from stages.common.geometry import PAD, saved_geometry
 from stages.common.joined import check_encoder
+from stages.common.jsonio import write_json
 from stages.common.runtime import resolve_device
 from stages.common.training import load_checkpoint
 from stages.models.heads import create_head
@@ -209,7 +209,7 @@ def evaluate_segmentation(model_path: str | Path, store: str, data_root: str, da
             result["overlays"] = save_overlays(data, preds, picks, out / "overlays")
     result["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_json(result, out / "metrics.json")
     if keep_predictions:
         result["predictions"] = kept
     return result

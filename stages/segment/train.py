@@ -6,7 +6,6 @@ shared ones. Outputs in ``cfg.out``: model.pt, metrics.json, history.csv, last.p
 state) and overlays/*.png."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -19,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stages.common.joined import store_record
+from stages.common.jsonio import write_json
 from stages.common.runtime import loader_workers, resolve_device, resolve_precision, tune_allocator
 from stages.common.splits import carve_validation, select_training
 from stages.common.trainer import Trainer, open_run_folder
@@ -68,6 +68,7 @@ class SegmentTrainer(Trainer):
         img_size = data.img_size if net.input_kind == "features" else UNET_IMG_SIZE
         self.batches = Batches(data, net.input_kind, img_size)
         self.best_preds: dict[int, np.ndarray] | None = None
+        self.val_preds: dict[int, np.ndarray] | None = None
         super().__init__(net, out, record, cfg.to_dict(), epochs=cfg.epochs, patience=cfg.patience, amp=amp,
                          device=device, resume=cfg.resume, progress=cfg.progress)
 
@@ -96,9 +97,11 @@ class SegmentTrainer(Trainer):
             return None
         preds = predict(self.net, self.data, self.val, self.device, self.cfg.batch_size, self.amp.autocast)
         dice = score(self.data, preds, with_hd95=False)["mean_dice"]
-        if math.isfinite(dice) and dice > self.early.best + self.early.min_delta:
-            self.best_preds = preds  # the final scoring reuses them
+        self.val_preds = preds
         return dice, {"val_dice": dice}, {"dice": dice}
+
+    def on_improved(self, epoch: int) -> None:
+        self.best_preds = self.val_preds  # the final scoring reuses them
 
     def epoch_line(self, row) -> str:
         dice = row.get("val_dice", float("nan"))
@@ -193,5 +196,5 @@ def train_segmentation(cfg: SegmentConfig, data: SegmentData | None = None) -> d
     if test:
         metrics["splits"]["test"] = score(data, predict(model, data, test, device, cfg.batch_size, amp.autocast))
     metrics["seconds"] = time.perf_counter() - t0
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(metrics, out / "metrics.json")
     return metrics

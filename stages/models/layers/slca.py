@@ -27,10 +27,11 @@ sigmoid gate by a per-channel factor initialised to zero, ``X * (1 + s * A)``; A
 
 Defaults (``window=8, hidden=64, act="gelu", gate="residual"``): local windows as the
 design asks (8x8 regions), the identity-at-init residual gate for the reason above, and a
-small bottleneck (``r = 64``: ~16k + 65*C weights). The measured comparison with the
-plain backbone and the gate/window ablation (global pooling, ``window=0``, did best with
-300 PneumoniaMNIST images; no variant differed from the backbone with 30) are in the
-README, "Classification: PneumoniaMNIST".
+small bottleneck (``r = 64``: ~16k + 65*C weights). The block's own ``norm``, ``spatial``
+and ``add`` default to off, so model files saved before they existed rebuild unchanged;
+``pipeline train`` turns ``norm`` on (and adds the sam-head branch of the classifier),
+the setting chosen by validation AUC on three real datasets (README, Benchmarks,
+"Classification: SLCA on three development sets").
 """
 from __future__ import annotations
 
@@ -55,10 +56,16 @@ class SLCA(nn.Module):
         norm: standardise each SAM channel (BatchNorm over batch and windows) before the
             bottleneck; LiteMedSAM's embeddings are small (std ~0.1), so unnormalised they
             move the gate little.
+        spatial: also a spatial map per window, one factor 2*sigmoid(s) shared by all
+            channels, multiplied into the channel gate (where, not only which channels).
+        add: also add the bottleneck projected to C channels to the stage (fusion: SAM
+            features enter the stage, not only re-weight it).
+    Both extra 1x1 convs start at zero, so the block stays the identity at initialisation.
     """
 
     def __init__(self, out_chs: int, in_chs: int = 256, window: int = 8, hidden: int = 64,
-                 act: str = "gelu", gate: str = "residual", norm: bool = False):
+                 act: str = "gelu", gate: str = "residual", norm: bool = False, spatial: bool = False,
+                 add: bool = False):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown SLCA gate {gate!r}; use one of {', '.join(GATES)}")
@@ -74,6 +81,8 @@ class SLCA(nn.Module):
         if gate == "residual":
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)
+        self.spatial = _zero_conv(hidden, 1) if spatial else None
+        self.inject = _zero_conv(hidden, out_chs) if add else None
 
     def pool(self, sam: torch.Tensor) -> torch.Tensor:
         """(B,256,G,G) -> (B,256,ceil(G/k),ceil(G/k)); (B,256,1,1) for window 0."""
@@ -83,22 +92,41 @@ class SLCA(nn.Module):
             return sam
         return F.avg_pool2d(sam, self.window, self.window, ceil_mode=True, count_include_pad=False)
 
+    def bottleneck(self, sam: torch.Tensor) -> torch.Tensor:
+        """The bottleneck per window: (B,256,G,G) -> (B,r,g,g)."""
+        return self.act(self.fc1(self.norm(self.pool(sam))))
+
     def attention(self, sam: torch.Tensor) -> torch.Tensor:
         """Channel attention per window: (B,256,G,G) -> (B,C,g,g) in (0,1)."""
-        return torch.sigmoid(self.fc2(self.act(self.fc1(self.norm(self.pool(sam))))))
+        return torch.sigmoid(self.fc2(self.bottleneck(sam)))
+
+    def factor(self, h: torch.Tensor) -> torch.Tensor:
+        """Bottleneck (B,r,g,g) -> the multiplicative factor on the window grid (B,C,g,g)."""
+        a = torch.sigmoid(self.fc2(h))
+        a = 2 * a if self.gate == "residual" else a
+        return a if self.spatial is None else a * (2 * torch.sigmoid(self.spatial(h)))
 
     def gate_map(self, sam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The multiplicative factor applied to the stage: (B,C,H,W)."""
-        a = _resize(self.attention(sam), size)
-        return 2 * a if self.gate == "residual" else a
+        return _resize(self.factor(self.bottleneck(sam)), size)
 
     def forward(self, x: torch.Tensor, sam: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """x (B,C,H,W), or (B,H,W,C) when ``channels_last`` (Swin token maps) -> same shape."""
-        size = x.shape[1:3] if channels_last else x.shape[2:4]
-        g = self.gate_map(sam.to(x.dtype), tuple(size)).to(x.dtype)
+        size = tuple(x.shape[1:3] if channels_last else x.shape[2:4])
+        h = self.bottleneck(sam.to(x.dtype))
+        g = _resize(self.factor(h), size).to(x.dtype)
+        shift = None if self.inject is None else _resize(self.inject(h), size).to(x.dtype)
         if channels_last:
             g = g.permute(0, 2, 3, 1)
-        return x * g
+            shift = None if shift is None else shift.permute(0, 2, 3, 1)
+        return x * g if shift is None else x * g + shift
+
+
+def _zero_conv(in_chs: int, out_chs: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_chs, out_chs, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 def _resize(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
