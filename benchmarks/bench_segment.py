@@ -26,9 +26,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-HEADS = ("autosam", "cnn", "linear", "unet")
-
-
 def ensure_store(store: str, data_root: str) -> None:
     from cache import FeatureStore, StoreError
     from cache.io import exists
@@ -49,12 +46,14 @@ def ensure_store(store: str, data_root: str) -> None:
 
 
 def parse() -> argparse.Namespace:
+    from stages.models.heads import list_heads
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "datasets" / "acdc_subset"))
     p.add_argument("--store", default=str(ROOT / "runs" / "stores" / "acdc_litemedsam.zarr"),
                    help="feature store of the dataset (extracted here if missing)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_segment"), help="run folders and results.json")
-    p.add_argument("--heads", default=",".join(HEADS))
+    p.add_argument("--heads", default=",".join(list_heads()))
     p.add_argument("--volumes", default="1,2,4,all", help="labelled training volumes per setting")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (every head, every setting)")
     p.add_argument("--epochs", type=int, default=2, help="the steps are split into this many epochs")

@@ -115,11 +115,31 @@ def plot(reports: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+FORMAT = "sam-feature-pipeline/bench_slca"
+OUTPUTS = ("bench_slca.json", "bench_slca.md", "bench_slca.png")
+
+
+def check_out(out: Path) -> None:
+    """Replace only our own earlier outputs: files of these names without our JSON beside
+    them are someone else's, and the run stops before writing anything."""
+    present = [n for n in OUTPUTS if (out / n).exists()]
+    if not present:
+        return
+    try:
+        ours = json.loads((out / OUTPUTS[0]).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        sys.exit(f"error: {out}: holds {', '.join(present)} not written by bench_slca.py; nothing was changed, "
+                 "choose another --out")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("compares", nargs="+", help="NAME=DIR, one finished `pipeline compare` folder per dataset")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_slca")
     args = p.parse_args()
+    check_out(args.out)
     reports = dict(load(s) for s in args.compares)
     tables = {name: cells(r["summary"]) for name, r in reports.items()}
     models = list(dict.fromkeys(m for r in reports.values() for m in r["models"]))
@@ -143,10 +163,11 @@ def main() -> None:
     text = "\n".join(md)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_slca.md").write_text(text + "\n")
     keyed = {n: {f"{m}@{f:g}": c for (m, f), c in t.items()} for n, t in {**tables, "mean": mean}.items()}
-    (args.out / "bench_slca.json").write_text(json.dumps(
-        {"compares": args.compares, "tables": keyed, "chosen": chosen, "targets": checked}, indent=2) + "\n")
+    (args.out / "bench_slca.json").write_text(json.dumps(  # first: it marks the folder as ours
+        {"format": FORMAT, "compares": args.compares, "tables": keyed, "chosen": chosen, "targets": checked},
+        indent=2) + "\n")
+    (args.out / "bench_slca.md").write_text(text + "\n")
     plot(reports, args.out / "bench_slca.png")
 
 

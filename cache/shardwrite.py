@@ -144,11 +144,13 @@ def write_direct(arr: zarr.Array, start: int, data: np.ndarray, lay: dict | None
     flat = rows.reshape(len(rows), -1).view(np.uint8)
     keep = nonempty(rows)
     target = shard_path(lay, start // s)
+    fsync = lay["fsync"] and io._FSYNC["enabled"]
     if not keep.any():  # zarr stores no shard of fill values and deletes the old one
         if target.is_file():
             target.unlink()
+            if fsync:  # the removal on disk too, or a crash could bring the old shard back
+                io.fsync_path(target.parent)
         return True
-    fsync = lay["fsync"] and io._FSYNC["enabled"]
     _put(target, flat, keep, encode_index(keep, s, flat.shape[1]), fsync)
     if fsync:
         io.fsync_path(target)  # and the rename (the folder), as DurableLocalStore does

@@ -57,8 +57,8 @@ def format_summary(d: dict[str, Any]) -> str:
         f"store        {d['store']}",
         f"status       {state}",
         f"samples      {d['samples']}" + (f" ({d['failed']} failed)" if d["failed"] else ""),
-        f"splits       " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
-        f"classes      " + (", ".join(f"{k} {v}" for k, v in d["classes"].items()) or "-"),
+        "splits       " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
+        "classes      " + (", ".join(f"{k} {v}" for k, v in d["classes"].items()) or "-"),
     ]
     if d["mask_classes"]:
         lines.append(f"mask classes {', '.join(d['mask_classes'])}")

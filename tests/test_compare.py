@@ -217,3 +217,41 @@ def test_cli_refuses_a_foreign_non_empty_out(synthetic_store, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
     r = _cli(["--from-cache", tmp_path / "nostore.zarr", "--out", tmp_path / "new", "--models", "probe", "-q"])
     assert r.exit_code == 2 and "no feature store there" in r.output and not (tmp_path / "new").exists()
+
+
+def test_bench_slca_aggregates_compare_folders_and_keeps_foreign_files(compared, tmp_path):
+    import subprocess
+    import sys
+
+    cc, report = compared
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_slca.py"
+    out = tmp_path / "agg"
+
+    def bench(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), f"a={cc.out}", f"b={cc.out}", "--out", str(out), *args],
+                              capture_output=True, text=True)
+
+    done = bench()
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((out / "bench_slca.json").read_text())
+    for row in report["summary"]:  # the same folder twice: the mean over datasets is its table
+        cell = saved["tables"]["mean"][f"{row['model']}@{row['fraction']:g}"]
+        assert cell["auc"] == pytest.approx(row["auc"]["mean"]) and cell["auc"] == saved["tables"]["a"][
+            f"{row['model']}@{row['fraction']:g}"]["auc"]
+    assert saved["chosen"] is None  # no slca variant among the models
+    assert bench().returncode == 0  # its own outputs are replaced
+    (out / "bench_slca.json").write_text("{}")
+    (out / "bench_slca.md").write_text("someone's notes\n")
+    refused = bench()
+    assert refused.returncode != 0 and "not written by bench_slca.py" in refused.stderr
+    assert (out / "bench_slca.md").read_text() == "someone's notes\n"
+
+
+def test_a_run_older_than_an_option_counts_as_made_without_it():
+    """A config.json written before --slca-norm existed is a run without it, not one with
+    today's default (norm on): reusing it as such would mislabel its numbers."""
+    want = dataclasses.asdict(dataclasses.replace(cmp.ClassifyConfig(store="s", out="o"), model="slca"))
+    old = {k: v for k, v in want.items() if k not in ("slca_norm", "slca_branch", "slca_prior")}
+    assert set(cmp._same(old, want)) == {"slca_norm", "slca_branch"}  # their defaults are on; prior's is off
+    assert cmp._same({**old, "slca_norm": True, "slca_branch": True}, want) == []
+    assert cmp._same({**old, "model": "probe"}, {**want, "model": "probe"}) == []  # no SLCA in a probe run

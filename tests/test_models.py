@@ -215,3 +215,49 @@ def test_gate_statistics_show_the_identity_at_init_and_the_spread_once_trained(t
         np.testing.assert_allclose(net.attention_maps(sam)[stage].numpy(), g.mean(axis=1), rtol=1e-6)
     png = plot_attention(np.random.default_rng(0).random((2, 32, 32)), moved, ["a", "b"], tmp_path / "att.png")
     assert png.stat().st_size > 5000
+
+
+def test_slca_prior_adds_the_frozen_probe_logits():
+    """prior: logits = the network's own + the probe's (a frozen LinearProbe): no gradient
+    reaches it, so training learns what the probe misses."""
+    torch.manual_seed(0)
+    net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32, prior=True).eval()
+    plain = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("prior.")})
+    with torch.no_grad():
+        net.prior.fc.weight.normal_()
+        net.prior.mean.fill_(0.1)
+    x, sam = torch.randn(2, 3, 32, 32), _sam()
+    torch.testing.assert_close(net(x, sam), plain(x, sam) + net.prior(None, sam))
+    assert not any(p.requires_grad for p in net.prior.parameters())
+    net.train()(x, sam).sum().backward()
+    assert net.prior.fc.weight.grad is None and net.net.fc.weight.grad is not None
+    assert {"prior.mean", "prior.std", "prior.fc.weight"} <= set(net.state_dict())  # saved in model.pt
+    assert create_model("backbone", backbone="resnet10t", num_classes=3, img_size=32, prior=True).prior is None
+
+
+def test_slca_distill_loss_is_the_last_stage_predicting_the_pooled_sam_features():
+    torch.manual_seed(0)
+    net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32, distill=True)
+    x, sam = torch.randn(4, 3, 32, 32), _sam(4)
+    stage = {}
+    net.net.layer4.register_forward_hook(lambda m, i, o: stage.update(out=o))
+    net(x, sam)
+    loss = net.distill_loss(sam)
+    pred = net.distill(stage["out"])  # the stage's own output, before its gate
+    t = torch.nn.functional.adaptive_avg_pool2d(sam, pred.shape[2:])
+    t = (t - t.mean(dim=(0, 2, 3), keepdim=True)) / t.std(dim=(0, 2, 3), keepdim=True)
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, t))
+    loss.backward()
+    assert net.distill.weight.grad.abs().sum() > 0 and net.net.conv1[0].weight.grad.abs().sum() > 0  # reaches the stem
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(20):  # the backbone can learn the SAM features of a fixed batch
+        opt.zero_grad()
+        net(x, sam)
+        net.distill_loss(sam).backward()
+        opt.step()
+    net(x, sam)
+    assert net.distill_loss(sam) < 0.5 * loss.detach()
+    plain = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32)
+    assert plain.distill is None and not any(k.startswith("distill") for k in plain.state_dict())
+    assert plain.distill_loss(sam) == 0

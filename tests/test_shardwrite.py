@@ -127,8 +127,12 @@ def test_rewrite_replaces_atomically(tmp_path, monkeypatch):
         monkeypatch.undo()
         assert shard_file.read_bytes() == before  # the old shard, whole
         assert not list(url.rglob("*.partial"))  # no temporary left behind
+        synced = []
+        monkeypatch.setattr(shardwrite.io, "fsync_path", lambda p: synced.append(Path(p)))
         w.write_shard(0, np.zeros_like(a))  # all fill values: zarr deletes the shard file
+        monkeypatch.undo()
         assert not shard_file.exists()
+        assert synced == [shard_file.parent]  # the removal is made durable like a write
         assert not w.group[EMBEDDINGS][0:4].any()
 
 

@@ -340,3 +340,74 @@ def test_precise_bn_sets_the_running_statistics_to_the_training_average():
     assert net.bn.momentum == 0.1
     assert precise_bn(net, batches, forward, amp, 0) == 0
     assert precise_bn(torch.nn.Linear(2, 2), batches, forward, amp, 8) == 0
+
+
+def test_slca_prior_is_the_probe_fit_frozen_through_training_and_resume(toy, tmp_path):
+    ds, url = toy
+    probe = train_classifier(_cfg(url, tmp_path / "probe", model="probe"), dataset=ds, progress=False)
+    cfg = _cfg(url, tmp_path / "slca", model="slca", slca_prior=True, epochs=2)
+    train_classifier(cfg, dataset=ds, progress=False)
+    fit = load_checkpoint(tmp_path / "probe" / "model.pt")["state_dict"]
+    got = load_checkpoint(tmp_path / "slca" / "model.pt")
+    assert got["model_kwargs"]["prior"] is True
+    for k, v in fit.items():  # the same C, scaler and weights as the probe run, unchanged by training
+        assert torch.equal(got["state_dict"][f"prior.{k}"], v), k
+    rows = _csv(tmp_path / "slca" / "prior.csv")
+    assert len(rows) == 5 and float(rows[0]["val_auc"]) == pytest.approx(
+        float(_csv(tmp_path / "probe" / "history.csv")[0]["val_auc"]))
+    assert probe["val"]["auc"] > 0.5
+    # resumed: the prior is refitted to the same values, and last.pt restores them too
+    train_classifier(dataclasses.replace(cfg, resume=True), dataset=ds, progress=False)
+    again = load_checkpoint(tmp_path / "slca" / "model.pt")["state_dict"]
+    assert all(torch.equal(again[k], got["state_dict"][k]) for k in again)
+    # training on the in-sample logits instead of the out-of-fold ones gives another network
+    insample = dataclasses.replace(cfg, out=str(tmp_path / "in"), slca_prior_folds=0)
+    train_classifier(insample, dataset=ds, progress=False)
+    other = load_checkpoint(tmp_path / "in" / "model.pt")["state_dict"]
+    assert torch.equal(other["prior.fc.weight"], got["state_dict"]["prior.fc.weight"])
+    assert not torch.equal(other["net.fc.weight"], got["state_dict"]["net.fc.weight"])
+    with pytest.raises(ValueError, match="--slca-prior-folds 1"):
+        train_classifier(dataclasses.replace(cfg, out=str(tmp_path / "bad"), slca_prior_folds=1), dataset=ds,
+                         progress=False)
+
+
+def test_out_of_fold_prior_logits_are_those_of_fits_that_did_not_see_the_image(toy):
+    """Held-out logits are less confident on the training images than the in-sample fit's
+    (which is why the network trains on them), and every training image gets one."""
+    from stages.classify.data import ClassifyData, make_loader
+    from stages.classify.probe import fit_probe, out_of_fold_logits
+    from stages.classify.train import HISTORY_FIELDS, prepare
+    from stages.common.training import History
+    from stages.models.sam_head import LinearProbe
+
+    ds, url = toy
+    cfg = _cfg(url, "unused", model="probe")
+    prep = prepare(cfg, ds)
+    load = {s: make_loader(ClassifyData(prep.joined, prep.splits[s], 32, False, True, False, False), 8, False, 0, 0,
+                           prep.joined.store.shard_size) for s in ("train", "val")}
+    probe = LinearProbe(len(prep.classes))
+    _, c = fit_probe(cfg, probe, load["train"], load["val"], prep, History("/dev/null", HISTORY_FIELDS), False)
+    y = torch.from_numpy(prep.joined.labels[prep.splits["train"]])
+    oof = torch.from_numpy(out_of_fold_logits(cfg, probe, load["train"], prep, c, 3, False))
+    inside = torch.zeros_like(oof)
+    for b in load["train"]:
+        inside[b["pos"]] = probe(None, b["sam"]).detach()
+    assert oof.shape == inside.shape == (len(y), len(prep.classes))
+    ce = torch.nn.functional.cross_entropy
+    assert ce(oof, y) > ce(inside, y) + 0.05
+    assert (oof.argmax(1) == y).float().mean() > 0.5  # still a probe: right more often than not
+
+
+def test_slca_distill_adds_its_auxiliary_loss_to_training(toy, tmp_path):
+    ds, url = toy
+    plain = _cfg(url, tmp_path / "plain", model="slca", epochs=1)
+    train_classifier(plain, dataset=ds, progress=False)
+    train_classifier(dataclasses.replace(plain, out=str(tmp_path / "kd"), slca_distill=1.0), dataset=ds,
+                     progress=False)
+    got = load_checkpoint(tmp_path / "kd" / "model.pt")
+    assert got["model_kwargs"]["distill"] is True and "distill.weight" in got["state_dict"]
+    loss = {k: float(_csv(tmp_path / k / "history.csv")[0]["train_loss"]) for k in ("plain", "kd")}
+    assert loss["kd"] > loss["plain"] + 0.1  # cross-entropy + an MSE of order 1 on standardised targets
+    with pytest.raises(ValueError, match="--slca-distill"):
+        train_classifier(dataclasses.replace(plain, out=str(tmp_path / "bad"), slca_distill=-1), dataset=ds,
+                         progress=False)

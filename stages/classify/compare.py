@@ -33,8 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stages.common.jsonio import jsonable
-from stages.classify.config import ClassifyConfig, is_model_kind, model_kinds
+from stages.common.jsonio import write_json
+from stages.classify.config import BEFORE_OPTION, ClassifyConfig, is_model_kind, model_kinds
 from stages.classify.train import OUTPUT_FILES, train_classifier
 from stages.common.trainer import RESUME_FREE
 from stages.models.registry import canonical
@@ -42,7 +42,8 @@ from stages.models.registry import canonical
 COMPARE_FORMAT = "sam-feature-pipeline/compare"
 ALIASES = {"gate": "slca_gate", "window": "slca_window", "stages": "slca_stages", "hidden": "slca_hidden",
            "act": "slca_act", "fuse": "slca_fuse", "norm": "slca_norm", "branch": "slca_branch",
-           "spatial": "slca_spatial", "add": "slca_add",
+           "spatial": "slca_spatial", "add": "slca_add", "prior": "slca_prior", "prior_folds": "slca_prior_folds",
+           "distill": "slca_distill",
            "lr_mult": "slca_lr_mult", "img": "img_size"}
 # set by the comparison itself, per run
 CONTROLLED = ("store", "out", "model", "train_fraction", "seed", "resume", "overwrite")
@@ -144,10 +145,11 @@ def run_dir(out: str | Path, spec: str, fraction: float, seed: int) -> Path:
 
 
 def _same(old: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    """Keys whose values differ (options added since the old run count as their defaults;
-    SLCA settings only for slca runs, so a new SLCA default keeps the other runs reusable)."""
+    """Keys whose values differ (options added since the old run count as what runs did before
+    them, ``BEFORE_OPTION``, else as their defaults; SLCA settings only for slca runs, so a
+    new SLCA default keeps the other runs reusable)."""
     defaults = dataclasses.asdict(ClassifyConfig(store="", out=""))
-    old = {**defaults, **old}
+    old = {**defaults, **BEFORE_OPTION, **old}
     slca_run = canonical(str(want.get("model"))) == "slca"
     return [k for k in want if k not in FREE and (slca_run or not k.startswith("slca_")) and old.get(k) != want[k]]
 
@@ -223,12 +225,6 @@ def build_runs(cc: CompareConfig) -> list[Run]:
     return runs
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def run_compare(cc: CompareConfig, dataset=None, progress: bool = True) -> dict[str, Any]:
     """Train (or reuse / resume) every run, then write compare.json, compare.md and compare.png.
 
@@ -249,7 +245,7 @@ def run_compare(cc: CompareConfig, dataset=None, progress: bool = True) -> dict[
         "fractions": list(cc.fractions), "seeds": list(cc.seeds), "options": cc.options, "std": STD,
         "complete": False, "runs": [], "summary": []}
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(report, out / "compare.json")  # the marker first: an interrupted comparison stays ours
+    write_json(report, out / "compare.json")  # the marker first: an interrupted comparison stays ours
     for i, r in enumerate(runs, 1):
         where = f"[{i}/{len(runs)}] {r.model} fraction {r.fraction:g} seed {r.seed}"
         if r.status != "reuse":
@@ -265,7 +261,7 @@ def run_compare(cc: CompareConfig, dataset=None, progress: bool = True) -> dict[
                                "metrics": m, "gates": gates})
     report["summary"] = summarize(report["runs"], cc.models, cc.fractions)
     report["complete"] = True
-    _write_json(report, out / "compare.json")
+    write_json(report, out / "compare.json")
     (out / "compare.md").write_text(format_table(report["summary"], "backbone" in cc.models) + "\n")
     from stages.classify.compare_plot import plot_compare
 

@@ -37,6 +37,9 @@ class ClassifyConfig:
     slca_branch: bool = True
     slca_spatial: bool = False
     slca_add: bool = False
+    slca_prior: bool = False
+    slca_prior_folds: int = 5
+    slca_distill: float = 0.0
     slca_lr_mult: float = 1.0
     head_width: int = 64
     drop_rate: float = 0.0
@@ -71,6 +74,10 @@ class ClassifyConfig:
         if not is_model_kind(self.model):
             raise ValueError(f"unknown --model {self.model!r}; choose one of: {', '.join(model_kinds())}")
         check_schedule(self.epochs, self.batch_size, self.lr)
+        if self.slca_prior_folds < 0 or self.slca_prior_folds == 1:
+            raise ValueError(f"--slca-prior-folds {self.slca_prior_folds}: use 0 (in-sample probe logits) or 2 or more")
+        if not self.slca_distill >= 0:
+            raise ValueError(f"--slca-distill {self.slca_distill}: give a loss weight of 0 (off) or more")
         if not self.slca_lr_mult > 0:
             raise ValueError(f"--slca-lr-mult {self.slca_lr_mult}: must be positive")
         if self.patience < 0 or self.warmup_epochs < 0 or self.slca_window < 0 or self.precise_bn < 0:
@@ -79,6 +86,13 @@ class ClassifyConfig:
             raise ValueError(f"--train-fraction {self.train_fraction}: must be in (0, 1]")
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ValueError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+
+
+# what a run made before an option existed did, where that differs from today's default:
+# a config.json without the key means this (comparisons must not reuse such a run as if it
+# had been trained with the new default)
+BEFORE_OPTION = {"slca_norm": False, "slca_branch": False, "slca_spatial": False, "slca_add": False,
+                 "slca_prior": False, "slca_prior_folds": 0, "slca_distill": 0.0}
 
 
 def model_kinds() -> list[str]:
@@ -100,7 +114,8 @@ def model_kwargs(cfg: ClassifyConfig, num_classes: int, img_size: int) -> dict[s
         if kind == "slca":
             kw.update(stages=cfg.slca_stages, window=cfg.slca_window, hidden=cfg.slca_hidden, act=cfg.slca_act,
                       gate=cfg.slca_gate, fuse=bool(cfg.slca_fuse), norm=bool(cfg.slca_norm),
-                      branch=bool(cfg.slca_branch), spatial=bool(cfg.slca_spatial), add=bool(cfg.slca_add))
+                      branch=bool(cfg.slca_branch), spatial=bool(cfg.slca_spatial), add=bool(cfg.slca_add),
+                      prior=bool(cfg.slca_prior), distill=cfg.slca_distill > 0)
         return kw
     if kind == "sam_head":
         return dict(num_classes=num_classes, width=cfg.head_width, drop_rate=cfg.drop_rate or 0.1)

@@ -64,3 +64,37 @@ def fit_probe(cfg, net: LinearProbe, train_loader, val_loader, prep: Prepared, h
         raise ValueError(f"{cfg.store}: the training subset lacks some classes; raise --train-fraction")
     net.set_from_sklearn(scaler, best_fit)
     return best_i, cs[best_i]
+
+
+def out_of_fold_logits(cfg, net: LinearProbe, train_loader, prep: Prepared, c: float, folds: int,
+                       progress: bool = True) -> np.ndarray | None:
+    """The fitted probe's logits for each training sample from a fit that did not see it:
+    (N_train, K) float32 in dataset position order, from ``folds`` stratified folds at the C
+    chosen on validation (standardised with ``net``'s scaler, the full training split's).
+
+    Stacking's rule: a model trained on top of another's predictions must see them as they
+    are on unseen data; the in-sample logits of a probe fitted to the same images are
+    over-confident, so the network on top would learn too little. None when a class has
+    fewer than 2 training images (then no fold split exists; the in-sample prior is used)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    y = prep.joined.labels[prep.splits["train"]]
+    counts = np.bincount(y, minlength=len(prep.classes))
+    k = int(min(folds, counts[counts > 0].min()))
+    if k < 2:
+        if progress:
+            print("slca prior: a class has one training image; no out-of-fold logits", file=sys.stderr)
+        return None
+    x = ((pooled_features(train_loader) - net.mean.cpu().double().numpy()) / net.std.cpu().double().numpy())
+    out = np.zeros((len(y), len(prep.classes)), np.float32)
+    split = StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
+    for fit_rows, held in split.split(x, y):
+        lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if cfg.class_weighting else None)
+        lr.fit(x[fit_rows], y[fit_rows])
+        z = lr.decision_function(x[held])  # every fold keeps every class: k <= the smallest count
+        if len(prep.classes) == 2:  # LinearProbe's binary logits: [0, z]
+            out[held, 1] = z
+        else:
+            out[held] = z
+    return out

@@ -10,6 +10,7 @@ Outputs (``ClassifyConfig.out``)::
     predictions.csv  id, split, label, pred, prob_<class>... for val and test
     config.json      the configuration, for people
     confusion_test.png  roc_test.png  history.png  slca_attention.png, slca_gates.json (slca only)
+    prior.csv        slca with --slca-prior: the probe fit (one row per C) whose logits it adds
 
 All four model kinds are trained and scored through the same code path, so their
 numbers are comparable. The torch models train on ``stages.common.trainer.Trainer``
@@ -34,7 +35,7 @@ from stages.classify.config import ClassifyConfig, check_init, init_kwargs, mode
 from stages.classify.data import ClassifyData, Prepared, auto_img_size, make_loader
 from stages.classify.metrics import classification_metrics
 from stages.common.jsonio import write_json
-from stages.classify.probe import fit_probe
+from stages.classify.probe import fit_probe, out_of_fold_logits
 from stages.classify.scoring import predict_loader, score_and_write, to_device
 from stages.common.joined import open_joined, store_record
 from stages.common.runtime import loader_workers, resolve_device, resolve_precision, tune_allocator
@@ -60,7 +61,7 @@ HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", 
                   "val_f1_macro", "lr", "seconds"]
 OUTPUT_FILES = ("model.pt", "last.pt", "metrics.json", "history.csv", "predictions.csv", "config.json",
                 "confusion_test.png", "roc_test.png", "history.png", "slca_attention.png",
-                "slca_gates.json")
+                "slca_gates.json", "prior.csv")
 
 
 class ClassifyTrainer(Trainer):
@@ -84,6 +85,7 @@ class ClassifyTrainer(Trainer):
         if self.monitor == "loss":
             log("validation set holds one class: early stopping on validation loss instead of AUC", progress)
         self.gen = torch.Generator()
+        self.oof: torch.Tensor | None = None  # out-of-fold prior logits per training position
         super().__init__(net, out, record, dataclasses.asdict(cfg), epochs=cfg.epochs, patience=cfg.patience,
                          amp=amp, device=device, resume=cfg.resume, clip=cfg.clip_grad, progress=progress)
 
@@ -106,8 +108,11 @@ class ClassifyTrainer(Trainer):
         if self.sam_fn is not None:
             sam = self.sam_fn(batch)
         image, sam = augment(image, sam, self.modes, self.gen)
+        extra = {} if self.oof is None else {"prior": self.oof[batch["pos"]].to(self.device)}
         with self.amp.autocast():
-            loss = self.criterion(self.net(image, sam).float(), y)
+            loss = self.criterion(self.net(image, sam, **extra).float(), y)
+            if self.cfg.slca_distill > 0 and hasattr(self.net, "distill_loss"):
+                loss = loss + self.cfg.slca_distill * self.net.distill_loss(sam)
         return loss, len(y), {}
 
     def after_epoch(self, epoch: int) -> None:
@@ -186,8 +191,8 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
         f"{len(prep.classes)} classes, image {prep.img_size}px, {device} {amp.precision}", progress)
     workers = loader_workers(device, cfg.in_memory) if cfg.workers < 0 else cfg.workers
 
-    def loader(split: str, shuffle: bool):
-        data = ClassifyData(prep.joined, prep.splits[split], prep.img_size, net.uses_image, net.uses_sam,
+    def loader(split: str, shuffle: bool, uses_image: bool = net.uses_image):
+        data = ClassifyData(prep.joined, prep.splits[split], prep.img_size, uses_image, net.uses_sam,
                             cfg.in_memory, progress)
         return make_loader(data, cfg.batch_size, shuffle, cfg.seed, workers, prep.joined.store.shard_size,
                            pin=device.type == "cuda")
@@ -200,13 +205,31 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
         train_loader = loader("train", True)
         if len(train_loader) == 0:
             raise ValueError(f"{cfg.store}: too few training samples for one batch; raise --train-fraction")
-        best = ClassifyTrainer(cfg, net, prep, train_loader, val_loader, out, record, amp, device, progress).fit()
+        trainer = ClassifyTrainer(cfg, net, prep, train_loader, val_loader, out, record, amp, device, progress)
+        if getattr(net, "prior", None) is not None:
+            trainer.oof = _fit_prior(cfg, net.prior, loader("train", False, False), loader("val", False, False),
+                                     prep, out, progress)
+        best = trainer.fit()
     net.load_state_dict(load_checkpoint(out / "model.pt")["state_dict"])
     parts = {"val": (prep.splits["val"], val_loader), "test": (prep.splits["test"], loader("test", False))}
     metrics = score_and_write(net, parts, prep, device, amp, out, cfg.plots, cfg.attention_images)
     metrics.update(n_train=counts["train"], best_epoch=best, train_seconds=time.perf_counter() - t0)
     write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def _fit_prior(cfg: ClassifyConfig, prior: nn.Module, train_loader, val_loader, prep: Prepared, out: Path,
+               progress: bool) -> torch.Tensor | None:
+    """Fit slca's prior (the probe, C on validation) before training, and its out-of-fold
+    logits on the training images (None with ``--slca-prior-folds 0``). Deterministic, so a
+    resumed run refits the same prior (last.pt then restores the same values)."""
+    log("slca prior: fitting the probe on the pooled SAM features first", progress)
+    _, c = fit_probe(cfg, prior, train_loader, val_loader, prep, History(out / "prior.csv", HISTORY_FIELDS + ["C"]),
+                     progress)
+    if cfg.slca_prior_folds < 2:
+        return None
+    oof = out_of_fold_logits(cfg, prior, train_loader, prep, c, cfg.slca_prior_folds, progress)
+    return None if oof is None else torch.from_numpy(oof)
 
 
 def _fit_probe(cfg: ClassifyConfig, net: nn.Module, train_loader, val_loader, prep: Prepared, out: Path,

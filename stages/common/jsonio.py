@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,4 +25,12 @@ def jsonable(obj: Any) -> Any:
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+    """Write strict JSON atomically (a temporary file beside it, then a rename), so a reader
+    or an interrupted run never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

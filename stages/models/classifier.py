@@ -19,6 +19,7 @@ from typing import Sequence
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stages.models.layers.slca import SLCA
@@ -189,6 +190,13 @@ class SLCAClassifier(nn.Module):
             can only re-weight what a backbone trained on few labels has learnt).
         branch: also add the logits of a ``SAMHead`` (the sam-head CNN on the SAM grid), so
             the model sees everything sam-head sees, plus the image (late fusion).
+        prior: also add the logits of a frozen ``LinearProbe`` (the probe, fitted by
+            scikit-learn before training starts), so the network starts from the probe's
+            answer and learns what the pooled SAM descriptor misses (stacking).
+        distill: also a 1x1 conv from the last SLCA stage's own output (before its gate) to
+            the 256 SAM channels; ``distill_loss`` is the training's auxiliary loss, the MSE
+            between it and the SAM features pooled to that stage's grid and standardised
+            per channel, so the backbone learns SAM-like features from the cache for free.
         drop_rate: dropout before the classifier.
         pretrained: the backbone's initial weights (``create_backbone``): False (random), True
             (timm's, from the hub or its cache) or a local checkpoint path. Training only: a
@@ -201,8 +209,8 @@ class SLCAClassifier(nn.Module):
                  slca: bool = True, stages: str | Sequence[int | str] = "all", window: int = 8,
                  hidden: int = 64, act: str = "gelu", gate: str = "residual", fuse: bool = False,
                  norm: bool = False, branch: bool = False, spatial: bool = False, add: bool = False,
-                 drop_rate: float = 0.0, backbone_kwargs: dict | None = None,
-                 pretrained: bool | str | Path = False):
+                 prior: bool = False, distill: bool = False, drop_rate: float = 0.0,
+                 backbone_kwargs: dict | None = None, pretrained: bool | str | Path = False):
         super().__init__()
         self.net = create_backbone(backbone, num_classes, img_size, drop_rate, pretrained,
                                    **(backbone_kwargs or {}))
@@ -212,15 +220,18 @@ class SLCAClassifier(nn.Module):
         self.slca = nn.ModuleDict()
         self.stage_names: list[str] = []
         self._sam: torch.Tensor | None = None
+        self._stage_out: torch.Tensor | None = None  # the distilled stage's output (training forwards)
+        self.distill: nn.Module | None = None
         self.fuse = nn.Sequential(nn.LayerNorm(SAM_CHANNELS), nn.Linear(SAM_CHANNELS, num_classes)) \
             if slca and fuse else None
-        self.branch = None
-        if slca and branch:
+        self.branch = self.prior = None
+        if slca and (branch or prior):
             # imported here, not at the top: sam_head registers its models on import, and the
             # registry lists models in registration order (slca, backbone first)
-            from stages.models.sam_head import SAMHead
+            from stages.models.sam_head import LinearProbe, SAMHead
 
-            self.branch = SAMHead(num_classes, drop_rate=drop_rate or 0.1)
+            self.branch = SAMHead(num_classes, drop_rate=drop_rate or 0.1) if branch else None
+            self.prior = LinearProbe(num_classes).requires_grad_(False) if prior else None
         if not slca:
             return
         if not info:
@@ -232,10 +243,12 @@ class SLCAClassifier(nn.Module):
             self.slca[key] = SLCA(chs, SAM_CHANNELS, window, hidden, act, gate, norm, spatial, add)
             self.stage_names.append(name)
             self.net.get_submodule(name).register_forward_hook(_Inject(self, key))
+        if distill:
+            self.distill, self.distill_key = nn.Conv2d(chs, SAM_CHANNELS, 1), key
 
     def forward_features(self, image: torch.Tensor, sam: torch.Tensor | None = None) -> torch.Tensor:
         """(B,3,S,S), (B,256,64,64) -> the backbone's last feature map (unpooled)."""
-        self._sam = sam if self.uses_sam else None
+        self._sam, self._stage_out = (sam if self.uses_sam else None), None
         try:
             return self.net.forward_features(image)
         finally:
@@ -245,13 +258,32 @@ class SLCAClassifier(nn.Module):
         """Last feature map -> (B,K) logits (or pooled features when ``pre_logits``)."""
         return self.net.forward_head(x, pre_logits=pre_logits)
 
-    def forward(self, image: torch.Tensor, sam: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, sam: torch.Tensor | None = None,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (B,K) logits. ``prior`` (B,K) replaces the prior's own logits (training on
+        out-of-fold probe logits); ignored without ``prior`` in the constructor."""
         logits = self.forward_head(self.forward_features(image, sam))
         if self.fuse is not None:
             logits = logits + self.fuse(sam.mean(dim=(2, 3)).to(logits.dtype))
         if self.branch is not None:
             logits = logits + self.branch(None, sam).to(logits.dtype)
+        if self.prior is not None:
+            logits = logits + (self.prior(None, sam) if prior is None else prior).to(logits.dtype)
         return logits
+
+    def distill_loss(self, sam: torch.Tensor) -> torch.Tensor:
+        """After a training forward: MSE between the distilled stage's prediction (B,256,h,w) and the
+        SAM features of the same images pooled to (h,w), standardised per channel over the
+        batch (LiteMedSAM's are small, std ~0.1). Zero without ``distill``."""
+        out, self._stage_out = self._stage_out, None  # once per forward; holds no graph afterwards
+        if self.distill is None or out is None:
+            return sam.new_zeros(())
+        x = out.permute(0, 3, 1, 2) if self.channels_last else out
+        pred = self.distill(x).float()
+        target = F.adaptive_avg_pool2d(sam.float(), pred.shape[2:])
+        mean = target.mean(dim=(0, 2, 3), keepdim=True)
+        std = target.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        return F.mse_loss(pred, (target - mean) / std)
 
     @torch.no_grad()
     def gates(self, sam: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -284,6 +316,8 @@ class _Inject:
         o = self.owner
         if o._sam is None:
             raise RuntimeError("SLCAClassifier needs the SAM embeddings: call forward(image, sam)")
+        if o.distill is not None and o.training and self.key == o.distill_key:
+            o._stage_out = output
         return o.slca[self.key](output, o._sam, o.channels_last)
 
 
@@ -311,6 +345,11 @@ def load_weights(net: nn.Module, path: str | Path) -> tuple[int, int]:
     return len(fits), len(own) - len(fits)
 
 
+# the SLCA-only constructor arguments (model_kwargs of a slca run); backbone drops them
+SLCA_OPTIONS = ("stages", "window", "hidden", "act", "gate", "fuse", "norm", "branch", "spatial", "add", "prior",
+                "distill")
+
+
 @register_model
 def slca(**kwargs) -> SLCAClassifier:
     """Backbone + SLCA (the product's model)."""
@@ -320,6 +359,6 @@ def slca(**kwargs) -> SLCAClassifier:
 @register_model
 def backbone(**kwargs) -> SLCAClassifier:
     """The same backbone without SLCA (the baseline); SLCA options are ignored."""
-    for k in ("stages", "window", "hidden", "act", "gate", "fuse", "norm", "branch", "spatial", "add"):
+    for k in SLCA_OPTIONS:
         kwargs.pop(k, None)
     return SLCAClassifier(slca=False, **kwargs)

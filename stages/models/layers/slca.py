@@ -77,10 +77,7 @@ class SLCA(nn.Module):
         self.norm = nn.BatchNorm2d(in_chs) if norm else nn.Identity()
         self.fc1 = nn.Conv2d(in_chs, hidden, 1)
         self.act = ACTS[act]()
-        self.fc2 = nn.Conv2d(hidden, out_chs, 1)
-        if gate == "residual":
-            nn.init.zeros_(self.fc2.weight)
-            nn.init.zeros_(self.fc2.bias)
+        self.fc2 = _zero_conv(hidden, out_chs) if gate == "residual" else nn.Conv2d(hidden, out_chs, 1)
         self.spatial = _zero_conv(hidden, 1) if spatial else None
         self.inject = _zero_conv(hidden, out_chs) if add else None
 
@@ -98,11 +95,14 @@ class SLCA(nn.Module):
 
     def attention(self, sam: torch.Tensor) -> torch.Tensor:
         """Channel attention per window: (B,256,G,G) -> (B,C,g,g) in (0,1)."""
-        return torch.sigmoid(self.fc2(self.bottleneck(sam)))
+        return self._channel(self.bottleneck(sam))
+
+    def _channel(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc2(h))
 
     def factor(self, h: torch.Tensor) -> torch.Tensor:
         """Bottleneck (B,r,g,g) -> the multiplicative factor on the window grid (B,C,g,g)."""
-        a = torch.sigmoid(self.fc2(h))
+        a = self._channel(h)
         a = 2 * a if self.gate == "residual" else a
         return a if self.spatial is None else a * (2 * torch.sigmoid(self.spatial(h)))
 
