@@ -238,26 +238,27 @@ def test_slca_prior_adds_the_frozen_probe_logits():
 
 def test_slca_distill_loss_is_the_last_stage_predicting_the_pooled_sam_features():
     torch.manual_seed(0)
-    net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32, distill=True)
+    net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32, distill=True).eval()
     x, sam = torch.randn(4, 3, 32, 32), _sam(4)
     stage = {}
     net.net.layer4.register_forward_hook(lambda m, i, o: stage.update(out=o))
-    net(x, sam)
-    loss = net.distill_loss(sam)
+    logits, loss = net(x, sam, aux=True)
+    assert net.has_aux and net._stage_out is None  # nothing of the forward is kept on the module
+    torch.testing.assert_close(logits, net(x, sam))  # asking for the loss changes no logit
     pred = net.distill(stage["out"])  # the stage's own output, before its gate
     t = torch.nn.functional.adaptive_avg_pool2d(sam, pred.shape[2:])
     t = (t - t.mean(dim=(0, 2, 3), keepdim=True)) / t.std(dim=(0, 2, 3), keepdim=True)
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, t))
     loss.backward()
     assert net.distill.weight.grad.abs().sum() > 0 and net.net.conv1[0].weight.grad.abs().sum() > 0  # reaches the stem
+    net.train()
+    start = net(x, sam, aux=True)[1].detach()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(20):  # the backbone can learn the SAM features of a fixed batch
         opt.zero_grad()
-        net(x, sam)
-        net.distill_loss(sam).backward()
+        net(x, sam, aux=True)[1].backward()
         opt.step()
-    net(x, sam)
-    assert net.distill_loss(sam) < 0.5 * loss.detach()
+    assert net(x, sam, aux=True)[1] < 0.5 * start
     plain = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32)
-    assert plain.distill is None and not any(k.startswith("distill") for k in plain.state_dict())
-    assert plain.distill_loss(sam) == 0
+    assert plain.distill is None and not plain.has_aux and not any(k.startswith("distill") for k in plain.state_dict())
+    assert plain(x, sam, aux=True)[1] == 0

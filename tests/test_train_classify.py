@@ -252,12 +252,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint_then_resume(toy, tmp_
         train_classifier(dataclasses.replace(cfg, resume=True, lr=0.5), dataset=ds, progress=False)
 
 
-def test_in_memory_equals_lazy(toy, tmp_path):
+@pytest.mark.parametrize("model", ["sam-head", "slca"])
+def test_in_memory_equals_lazy(toy, tmp_path, model):
+    """--in-memory is how a run reads its data, not what it learns: the same weights
+    bitwise (images and embeddings alike; slca reads both)."""
     ds, url = toy
-    a = train_classifier(_cfg(url, tmp_path / "lazy", model="sam-head", epochs=1), dataset=ds, progress=False)
-    b = train_classifier(_cfg(url, tmp_path / "mem", model="sam-head", epochs=1, in_memory=True), dataset=ds,
+    a = train_classifier(_cfg(url, tmp_path / "lazy", model=model, epochs=2), dataset=ds, progress=False)
+    b = train_classifier(_cfg(url, tmp_path / "mem", model=model, epochs=2, in_memory=True), dataset=ds,
                          progress=False)
     assert a["test"] == b["test"]
+    lazy, mem = (load_checkpoint(tmp_path / k / "model.pt")["state_dict"] for k in ("lazy", "mem"))
+    assert all(torch.equal(lazy[k], mem[k]) for k in lazy)
 
 
 def test_cli_train_evaluate_predict_on_a_real_store(synthetic_store, synthetic_root, tmp_path):
@@ -386,9 +391,10 @@ def test_out_of_fold_prior_logits_are_those_of_fits_that_did_not_see_the_image(t
     load = {s: make_loader(ClassifyData(prep.joined, prep.splits[s], 32, False, True, False, False), 8, False, 0, 0,
                            prep.joined.store.shard_size) for s in ("train", "val")}
     probe = LinearProbe(len(prep.classes))
-    _, c = fit_probe(cfg, probe, load["train"], load["val"], prep, History("/dev/null", HISTORY_FIELDS), False)
+    fit = fit_probe(cfg, probe, load["train"], load["val"], prep, History("/dev/null", HISTORY_FIELDS), False)
     y = torch.from_numpy(prep.joined.labels[prep.splits["train"]])
-    oof = torch.from_numpy(out_of_fold_logits(cfg, probe, load["train"], prep, c, 3, False))
+    assert torch.equal(torch.from_numpy(fit.y), y)  # the fit's own features, in position order
+    oof = torch.from_numpy(out_of_fold_logits(cfg, fit, len(prep.classes), 3, False))
     inside = torch.zeros_like(oof)
     for b in load["train"]:
         inside[b["pos"]] = probe(None, b["sam"]).detach()

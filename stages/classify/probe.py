@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,11 +24,29 @@ def pooled_features(loader) -> np.ndarray:
     return out
 
 
-def fit_probe(cfg, net: LinearProbe, train_loader, val_loader, prep: Prepared, history: History,
-              progress: bool = True) -> tuple[int, float]:
-    """Logistic regression on pooled embeddings; C chosen on validation AUC (one history
-    row per C). The fit is copied into ``net``; returns (index of the best C, that C)."""
+@dataclass
+class ProbeFit:
+    """What the probe's fit chose and the training data it saw: ``index``/``c`` the best C
+    (on validation) and ``x``/``y`` the standardised pooled training features (N,256) and
+    their labels (N,), so that the out-of-fold prior reuses them instead of a second pass."""
+
+    index: int
+    c: float
+    x: np.ndarray
+    y: np.ndarray
+
+
+def _logreg(cfg, c: float):
+    """The probe's classifier at inverse regularisation ``c`` (one definition for every fit)."""
     from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if cfg.class_weighting else None)
+
+
+def fit_probe(cfg, net: LinearProbe, train_loader, val_loader, prep: Prepared, history: History,
+              progress: bool = True) -> ProbeFit:
+    """Logistic regression on pooled embeddings; C chosen on validation AUC (one history
+    row per C). The fit is copied into ``net``."""
     from sklearn.metrics import log_loss
     from sklearn.preprocessing import StandardScaler
 
@@ -40,17 +59,17 @@ def fit_probe(cfg, net: LinearProbe, train_loader, val_loader, prep: Prepared, h
         raise ValueError(f"{cfg.store}: the training subset holds one class; raise --train-fraction")
     x_tr, x_va = pooled_features(train_loader), pooled_features(val_loader)
     scaler = StandardScaler().fit(x_tr)
+    x_tr, x_va = scaler.transform(x_tr), scaler.transform(x_va)
     k = len(prep.classes)
     best, best_fit, best_i = (-math.inf, -math.inf), None, 0
     for i, c in enumerate(cs):
         t = time.perf_counter()
-        lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if cfg.class_weighting else None)
-        lr.fit(scaler.transform(x_tr), y_tr)
+        lr = _logreg(cfg, c).fit(x_tr, y_tr)
         full = np.zeros((len(x_va), k))
-        full[:, lr.classes_] = lr.predict_proba(scaler.transform(x_va))
+        full[:, lr.classes_] = lr.predict_proba(x_va)
         vm = classification_metrics(y_va, full, prep.classes, log_loss(y_va, full, labels=list(range(k))))
         p_tr = np.zeros((len(x_tr), k))
-        p_tr[:, lr.classes_] = lr.predict_proba(scaler.transform(x_tr))
+        p_tr[:, lr.classes_] = lr.predict_proba(x_tr)
         value = (vm["auc"] if math.isfinite(vm["auc"]) else -math.inf, -vm["loss"])  # ties: lower val loss
         history.append({"epoch": i + 1, "train_loss": log_loss(y_tr, p_tr, labels=list(range(k))),
                         "val_loss": vm["loss"], "val_auc": vm["auc"], "val_accuracy": vm["accuracy"],
@@ -63,37 +82,33 @@ def fit_probe(cfg, net: LinearProbe, train_loader, val_loader, prep: Prepared, h
     if len(best_fit.classes_) != k:
         raise ValueError(f"{cfg.store}: the training subset lacks some classes; raise --train-fraction")
     net.set_from_sklearn(scaler, best_fit)
-    return best_i, cs[best_i]
+    return ProbeFit(best_i, cs[best_i], x_tr, y_tr)
 
 
-def out_of_fold_logits(cfg, net: LinearProbe, train_loader, prep: Prepared, c: float, folds: int,
-                       progress: bool = True) -> np.ndarray | None:
+def out_of_fold_logits(cfg, fit: ProbeFit, n_classes: int, folds: int, progress: bool = True) -> np.ndarray | None:
     """The fitted probe's logits for each training sample from a fit that did not see it:
     (N_train, K) float32 in dataset position order, from ``folds`` stratified folds at the C
-    chosen on validation (standardised with ``net``'s scaler, the full training split's).
+    chosen on validation, on ``fit``'s features (standardised with the full training split's
+    scaler, as the probe inside the model is).
 
     Stacking's rule: a model trained on top of another's predictions must see them as they
     are on unseen data; the in-sample logits of a probe fitted to the same images are
     over-confident, so the network on top would learn too little. None when a class has
     fewer than 2 training images (then no fold split exists; the in-sample prior is used)."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
-    y = prep.joined.labels[prep.splits["train"]]
-    counts = np.bincount(y, minlength=len(prep.classes))
+    x, y = fit.x, fit.y
+    counts = np.bincount(y, minlength=n_classes)
     k = int(min(folds, counts[counts > 0].min()))
     if k < 2:
         if progress:
             print("slca prior: a class has one training image; no out-of-fold logits", file=sys.stderr)
         return None
-    x = ((pooled_features(train_loader) - net.mean.cpu().double().numpy()) / net.std.cpu().double().numpy())
-    out = np.zeros((len(y), len(prep.classes)), np.float32)
+    out = np.zeros((len(y), n_classes), np.float32)
     split = StratifiedKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
     for fit_rows, held in split.split(x, y):
-        lr = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if cfg.class_weighting else None)
-        lr.fit(x[fit_rows], y[fit_rows])
-        z = lr.decision_function(x[held])  # every fold keeps every class: k <= the smallest count
-        if len(prep.classes) == 2:  # LinearProbe's binary logits: [0, z]
+        z = _logreg(cfg, fit.c).fit(x[fit_rows], y[fit_rows]).decision_function(x[held])
+        if n_classes == 2:  # LinearProbe's binary logits: [0, z]; every fold keeps every class
             out[held, 1] = z
         else:
             out[held] = z

@@ -86,6 +86,8 @@ class ClassifyTrainer(Trainer):
             log("validation set holds one class: early stopping on validation loss instead of AUC", progress)
         self.gen = torch.Generator()
         self.oof: torch.Tensor | None = None  # out-of-fold prior logits per training position
+        # a model with an auxiliary loss (slca --slca-distill) returns it on request
+        self.aux_weight = cfg.slca_distill if getattr(net, "has_aux", False) else 0.0
         super().__init__(net, out, record, dataclasses.asdict(cfg), epochs=cfg.epochs, patience=cfg.patience,
                          amp=amp, device=device, resume=cfg.resume, clip=cfg.clip_grad, progress=progress)
 
@@ -110,10 +112,10 @@ class ClassifyTrainer(Trainer):
         image, sam = augment(image, sam, self.modes, self.gen)
         extra = {} if self.oof is None else {"prior": self.oof[batch["pos"]].to(self.device)}
         with self.amp.autocast():
-            loss = self.criterion(self.net(image, sam, **extra).float(), y)
-            if self.cfg.slca_distill > 0 and hasattr(self.net, "distill_loss"):
-                loss = loss + self.cfg.slca_distill * self.net.distill_loss(sam)
-        return loss, len(y), {}
+            if self.aux_weight:
+                logits, aux = self.net(image, sam, aux=True, **extra)
+                return self.criterion(logits.float(), y) + self.aux_weight * aux, len(y), {}
+            return self.criterion(self.net(image, sam, **extra).float(), y), len(y), {}
 
     def after_epoch(self, epoch: int) -> None:
         def forward(batch) -> int:
@@ -180,15 +182,7 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
     prep = prepare(cfg, dataset)
     device = resolve_device(cfg.device)
     amp = Amp(device, resolve_precision(cfg.precision, device))
-    init = init_kwargs(cfg, out)
-    net = create_model(canonical(cfg.model), **model_kwargs(cfg, len(prep.classes), prep.img_size), **init)
-    if init:
-        log(f"backbone {cfg.backbone}: pretrained weights from {cfg.backbone_weights or 'timm (Hugging Face hub)'}",
-            progress)
-    net.to(device)
-    counts = {s: len(r) for s, r in prep.splits.items()}
-    log(f"{cfg.model} on {cfg.store}: {counts['train']} train / {counts['val']} val / {counts['test']} test, "
-        f"{len(prep.classes)} classes, image {prep.img_size}px, {device} {amp.precision}", progress)
+    net = _build(cfg, prep, out, device, amp, progress)
     workers = loader_workers(device, cfg.in_memory) if cfg.workers < 0 else cfg.workers
 
     def loader(split: str, shuffle: bool, uses_image: bool = net.uses_image):
@@ -213,9 +207,23 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
     net.load_state_dict(load_checkpoint(out / "model.pt")["state_dict"])
     parts = {"val": (prep.splits["val"], val_loader), "test": (prep.splits["test"], loader("test", False))}
     metrics = score_and_write(net, parts, prep, device, amp, out, cfg.plots, cfg.attention_images)
-    metrics.update(n_train=counts["train"], best_epoch=best, train_seconds=time.perf_counter() - t0)
+    metrics.update(n_train=len(prep.splits["train"]), best_epoch=best, train_seconds=time.perf_counter() - t0)
     write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def _build(cfg: ClassifyConfig, prep: Prepared, out: Path, device: torch.device, amp: Amp,
+           progress: bool) -> nn.Module:
+    """The network on ``device``, from its initial weights (seeded before), with a log line."""
+    init = init_kwargs(cfg, out)
+    net = create_model(canonical(cfg.model), **model_kwargs(cfg, len(prep.classes), prep.img_size), **init)
+    if init:
+        log(f"backbone {cfg.backbone}: pretrained weights from {cfg.backbone_weights or 'timm (Hugging Face hub)'}",
+            progress)
+    counts = {s: len(r) for s, r in prep.splits.items()}
+    log(f"{cfg.model} on {cfg.store}: {counts['train']} train / {counts['val']} val / {counts['test']} test, "
+        f"{len(prep.classes)} classes, image {prep.img_size}px, {device} {amp.precision}", progress)
+    return net.to(device)
 
 
 def _fit_prior(cfg: ClassifyConfig, prior: nn.Module, train_loader, val_loader, prep: Prepared, out: Path,
@@ -224,11 +232,11 @@ def _fit_prior(cfg: ClassifyConfig, prior: nn.Module, train_loader, val_loader, 
     logits on the training images (None with ``--slca-prior-folds 0``). Deterministic, so a
     resumed run refits the same prior (last.pt then restores the same values)."""
     log("slca prior: fitting the probe on the pooled SAM features first", progress)
-    _, c = fit_probe(cfg, prior, train_loader, val_loader, prep, History(out / "prior.csv", HISTORY_FIELDS + ["C"]),
-                     progress)
+    fit = fit_probe(cfg, prior, train_loader, val_loader, prep, History(out / "prior.csv", HISTORY_FIELDS + ["C"]),
+                    progress)
     if cfg.slca_prior_folds < 2:
         return None
-    oof = out_of_fold_logits(cfg, prior, train_loader, prep, c, cfg.slca_prior_folds, progress)
+    oof = out_of_fold_logits(cfg, fit, len(prep.classes), cfg.slca_prior_folds, progress)
     return None if oof is None else torch.from_numpy(oof)
 
 
@@ -236,8 +244,8 @@ def _fit_probe(cfg: ClassifyConfig, net: nn.Module, train_loader, val_loader, pr
                record: dict[str, Any], progress: bool) -> int:
     """The probe has no epochs: one fit per C, the best on validation AUC saved as model.pt."""
     history = History(out / "history.csv", HISTORY_FIELDS + ["C"])
-    best, c = fit_probe(cfg, net, train_loader, val_loader, prep, history, progress)
+    fit = fit_probe(cfg, net, train_loader, val_loader, prep, history, progress)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    save_atomic({**record, "config": dataclasses.asdict(cfg), "state_dict": state, "epoch": best + 1,
-                 "monitor": {"C": c}}, out / "model.pt")
-    return best + 1
+    save_atomic({**record, "config": dataclasses.asdict(cfg), "state_dict": state, "epoch": fit.index + 1,
+                 "monitor": {"C": fit.c}}, out / "model.pt")
+    return fit.index + 1

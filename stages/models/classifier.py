@@ -194,9 +194,10 @@ class SLCAClassifier(nn.Module):
             scikit-learn before training starts), so the network starts from the probe's
             answer and learns what the pooled SAM descriptor misses (stacking).
         distill: also a 1x1 conv from the last SLCA stage's own output (before its gate) to
-            the 256 SAM channels; ``distill_loss`` is the training's auxiliary loss, the MSE
-            between it and the SAM features pooled to that stage's grid and standardised
-            per channel, so the backbone learns SAM-like features from the cache for free.
+            the 256 SAM channels; ``forward(..., aux=True)`` then also returns the training's
+            auxiliary loss, the MSE between it and the SAM features pooled to that stage's
+            grid and standardised per channel, so the backbone learns SAM-like features from
+            the cache for free.
         drop_rate: dropout before the classifier.
         pretrained: the backbone's initial weights (``create_backbone``): False (random), True
             (timm's, from the hub or its cache) or a local checkpoint path. Training only: a
@@ -220,7 +221,7 @@ class SLCAClassifier(nn.Module):
         self.slca = nn.ModuleDict()
         self.stage_names: list[str] = []
         self._sam: torch.Tensor | None = None
-        self._stage_out: torch.Tensor | None = None  # the distilled stage's output (training forwards)
+        self._stage_out: torch.Tensor | None = None  # the distilled stage's output, within one forward
         self.distill: nn.Module | None = None
         self.fuse = nn.Sequential(nn.LayerNorm(SAM_CHANNELS), nn.Linear(SAM_CHANNELS, num_classes)) \
             if slca and fuse else None
@@ -246,39 +247,52 @@ class SLCAClassifier(nn.Module):
         if distill:
             self.distill, self.distill_key = nn.Conv2d(chs, SAM_CHANNELS, 1), key
 
+    @property
+    def has_aux(self) -> bool:
+        """Whether ``forward(..., aux=True)`` returns an auxiliary training loss (the trainer's
+        protocol: it then adds that loss, weighted, to the task's)."""
+        return self.distill is not None
+
     def forward_features(self, image: torch.Tensor, sam: torch.Tensor | None = None) -> torch.Tensor:
         """(B,3,S,S), (B,256,64,64) -> the backbone's last feature map (unpooled)."""
+        return self._features(image, sam)[0]
+
+    def _features(self, image: torch.Tensor, sam: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last feature map and the distilled stage's output (None without ``distill``).
+        The SAM input and the stage output live on the module only during this forward (the
+        hooks read and write them there); nothing is kept once it returns."""
         self._sam, self._stage_out = (sam if self.uses_sam else None), None
         try:
-            return self.net.forward_features(image)
+            return self.net.forward_features(image), self._stage_out
         finally:
-            self._sam = None
+            self._sam = self._stage_out = None
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Last feature map -> (B,K) logits (or pooled features when ``pre_logits``)."""
         return self.net.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, image: torch.Tensor, sam: torch.Tensor | None = None,
-                prior: torch.Tensor | None = None) -> torch.Tensor:
-        """-> (B,K) logits. ``prior`` (B,K) replaces the prior's own logits (training on
-        out-of-fold probe logits); ignored without ``prior`` in the constructor."""
-        logits = self.forward_head(self.forward_features(image, sam))
+                prior: torch.Tensor | None = None, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """-> (B,K) logits; with ``aux``, (logits, the scalar distillation loss). ``prior`` (B,K)
+        replaces the prior's own logits (training on out-of-fold probe logits); ignored
+        without ``prior`` in the constructor."""
+        x, stage = self._features(image, sam)
+        logits = self.forward_head(x)
         if self.fuse is not None:
             logits = logits + self.fuse(sam.mean(dim=(2, 3)).to(logits.dtype))
         if self.branch is not None:
             logits = logits + self.branch(None, sam).to(logits.dtype)
         if self.prior is not None:
             logits = logits + (self.prior(None, sam) if prior is None else prior).to(logits.dtype)
-        return logits
+        return (logits, self._distill_loss(stage, sam)) if aux else logits
 
-    def distill_loss(self, sam: torch.Tensor) -> torch.Tensor:
-        """After a training forward: MSE between the distilled stage's prediction (B,256,h,w) and the
-        SAM features of the same images pooled to (h,w), standardised per channel over the
-        batch (LiteMedSAM's are small, std ~0.1). Zero without ``distill``."""
-        out, self._stage_out = self._stage_out, None  # once per forward; holds no graph afterwards
-        if self.distill is None or out is None:
+    def _distill_loss(self, stage: torch.Tensor | None, sam: torch.Tensor) -> torch.Tensor:
+        """MSE between the distilled stage's prediction (B,256,h,w) and the SAM features of
+        the same images pooled to (h,w), standardised per channel over the batch
+        (LiteMedSAM's are small, std ~0.1). Zero without ``distill``."""
+        if self.distill is None or stage is None:
             return sam.new_zeros(())
-        x = out.permute(0, 3, 1, 2) if self.channels_last else out
+        x = stage.permute(0, 3, 1, 2) if self.channels_last else stage
         pred = self.distill(x).float()
         target = F.adaptive_avg_pool2d(sam.float(), pred.shape[2:])
         mean = target.mean(dim=(0, 2, 3), keepdim=True)
@@ -316,7 +330,7 @@ class _Inject:
         o = self.owner
         if o._sam is None:
             raise RuntimeError("SLCAClassifier needs the SAM embeddings: call forward(image, sam)")
-        if o.distill is not None and o.training and self.key == o.distill_key:
+        if o.distill is not None and self.key == o.distill_key:
             o._stage_out = output
         return o.slca[self.key](output, o._sam, o.channels_last)
 
