@@ -102,16 +102,17 @@ def test_prepare_image_stretched_fills_the_square_padded_unchanged():
     x = torch.from_numpy(img.astype(np.float32) / 255)
     old = F.interpolate(F.pad(x, (0, 0, 0, 60))[None, None], (64, 64), mode="bilinear", align_corners=False,
                         antialias=True)[0].expand(3, -1, -1)
-    assert torch.equal(padded, ((old - IMAGE_MEAN) / IMAGE_STD).contiguous())
+    # the backbone's input is held at float16 precision (what --in-memory stores)
+    assert torch.equal(padded, ((old - IMAGE_MEAN) / IMAGE_STD).half().float())
     shown = lambda t: (t * IMAGE_STD + IMAGE_MEAN)[0]  # noqa: E731
-    assert shown(padded)[-10:].abs().max() < 1e-5  # bottom rows: zero padding
+    assert shown(padded)[-10:].abs().max() < 5e-4  # bottom rows: zero padding, to float16's step
 
     stretched = prepare_image(img, 64, STRETCH)
     assert stretched.shape == (3, 64, 64)
     rows_min = shown(stretched).min(dim=1).values
     assert (rows_min > 0.3).all()  # every row is image (pixels >= 100/255), none is padding
     want = F.interpolate(x[None, None], (64, 64), mode="bilinear", align_corners=False, antialias=True)[0]
-    assert torch.allclose(shown(stretched), want[0], atol=1e-6)
+    assert torch.allclose(shown(stretched), want[0], atol=5e-4)  # float16's step at |x| < 2.7, x std
 
 
 def test_unet_image_follows_the_geometry():
