@@ -31,13 +31,14 @@ class ClassifyConfig:
     slca_act: str = "gelu"
     slca_gate: str = "residual"
     slca_fuse: bool = False
-    # the measured default (README, Benchmarks): SAM channels standardised before the
-    # bottleneck, plus the sam-head branch; False/False is the SLCA of the first release
+    # the measured defaults (README, Benchmarks): SAM channels standardised before the
+    # bottleneck, plus the sam-head branch, plus the probe's out-of-fold logits as a frozen
+    # prior (validation AUC over three sets); all False is the SLCA of the first release
     slca_norm: bool = True
     slca_branch: bool = True
     slca_spatial: bool = False
     slca_add: bool = False
-    slca_prior: bool = False
+    slca_prior: bool = True
     slca_prior_folds: int = 5
     slca_distill: float = 0.0
     slca_lr_mult: float = 1.0
