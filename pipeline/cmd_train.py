@@ -26,7 +26,7 @@ image changed since extraction, is refused.
 # options of one task only (parameter names); the rest mean the same for both
 CLASSIFY_ONLY = ("model", "backbone", "backbone_weights", "pretrained", "img_size", "slca_stages", "slca_window",
                  "slca_hidden", "slca_act", "slca_gate", "slca_fuse", "slca_norm", "slca_branch", "slca_spatial",
-                 "slca_add", "slca_prior", "slca_prior_folds", "slca_distill", "slca_lr_mult",
+                 "slca_add", "slca_prior", "slca_prior_folds", "slca_prior_blend", "slca_distill", "slca_lr_mult",
                  "sam_head_width", "drop_rate", "warmup_epochs",
                  "class_weights", "label_smoothing", "clip_grad", "precise_bn", "augment", "split_seed",
                  "val_fraction", "test_fraction", "probe_c", "attention_images", "plots")
@@ -63,6 +63,7 @@ def train(
     slca_add: bool = typer.Option(False, "--slca-add/--no-slca-add", help="slca: also add projected SAM features to each gated stage (fusion)."),
     slca_prior: bool = typer.Option(True, "--slca-prior/--no-slca-prior", help="slca: fit the probe first and add its frozen logits (stacking: the network learns what the probe misses)."),
     slca_prior_folds: int = typer.Option(5, "--slca-prior-folds", help="slca prior: train on the probe's out-of-fold logits from this many stratified folds (0: its in-sample logits)."),
+    slca_prior_blend: bool = typer.Option(False, "--slca-prior-blend/--no-slca-prior-blend", help="slca prior: train the network without it, then add the prior's logits at the weight (0-2) best on validation AUC (late fusion instead of stacking)."),
     slca_distill: float = typer.Option(0.0, "--slca-distill", help="slca: weight of an auxiliary loss in which the last SLCA stage predicts the cached SAM features (0: off)."),
     slca_lr_mult: float = typer.Option(1.0, "--slca-lr-mult", help="slca: learning-rate factor of the SLCA blocks."),
     sam_head_width: int = typer.Option(64, "--sam-head-width", help="Width of the sam-head CNN."),

@@ -229,6 +229,11 @@ def test_slca_prior_adds_the_frozen_probe_logits():
         net.prior.mean.fill_(0.1)
     x, sam = torch.randn(2, 3, 32, 32), _sam()
     torch.testing.assert_close(net(x, sam), plain(x, sam) + net.prior(None, sam))
+    net.prior_weight = 0.5  # blending: the prior at a weight chosen after training
+    torch.testing.assert_close(net(x, sam), plain(x, sam) + 0.5 * net.prior(None, sam))
+    net.prior_weight = 0.0
+    torch.testing.assert_close(net(x, sam), plain(x, sam))
+    net.prior_weight = 1.0
     assert not any(p.requires_grad for p in net.prior.parameters())
     net.train()(x, sam).sum().backward()
     assert net.prior.fc.weight.grad is None and net.net.fc.weight.grad is not None

@@ -376,6 +376,32 @@ def test_slca_prior_is_the_probe_fit_frozen_through_training_and_resume(toy, tmp
                          progress=False)
 
 
+def test_slca_prior_blend_trains_alone_then_adds_the_prior_at_its_best_validation_weight(toy, tmp_path):
+    from stages.classify.evaluate import evaluate_classifier
+    from stages.classify.probe import BLEND_WEIGHTS
+
+    ds, url = toy
+    cfg = _cfg(url, tmp_path / "blend", model="slca", slca_prior_blend=True, epochs=2)
+    metrics = train_classifier(cfg, dataset=ds, progress=False)
+    saved = load_checkpoint(tmp_path / "blend" / "model.pt")
+    rows = _csv(tmp_path / "blend" / "blend.csv")
+    assert [float(r["prior_weight"]) for r in rows] == list(BLEND_WEIGHTS)
+    w = saved["model_kwargs"]["prior_weight"]
+    assert metrics["prior_weight"] == w and w in BLEND_WEIGHTS
+    auc = {float(r["prior_weight"]): float(r["val_auc"]) for r in rows}
+    assert auc[w] == max(auc.values())
+    # the network trained alone: its best validation AUC in training is the blend's at weight 0
+    best = max(float(r["val_auc"]) for r in _csv(tmp_path / "blend" / "history.csv"))
+    assert auc[0.0] == pytest.approx(best)
+    assert metrics["val"]["auc"] == pytest.approx(auc[w])
+    # model.pt carries the weight: evaluate rebuilds the same blend
+    again = evaluate_classifier(tmp_path / "blend" / "model.pt", url, dataset=ds, progress=False)
+    assert again["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
+    with pytest.raises(ValueError, match="--slca-prior-blend"):
+        train_classifier(dataclasses.replace(cfg, out=str(tmp_path / "bad"), slca_prior=False), dataset=ds,
+                         progress=False)
+
+
 def test_out_of_fold_prior_logits_are_those_of_fits_that_did_not_see_the_image(toy):
     """Held-out logits are less confident on the training images than the in-sample fit's
     (which is why the network trains on them), and every training image gets one."""

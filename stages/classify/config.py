@@ -40,6 +40,8 @@ class ClassifyConfig:
     slca_add: bool = False
     slca_prior: bool = True
     slca_prior_folds: int = 5
+    # train without the prior, then add it at the weight that is best on validation
+    slca_prior_blend: bool = False
     slca_distill: float = 0.0
     slca_lr_mult: float = 1.0
     head_width: int = 64
@@ -77,6 +79,8 @@ class ClassifyConfig:
         check_schedule(self.epochs, self.batch_size, self.lr)
         if self.slca_prior_folds < 0 or self.slca_prior_folds == 1:
             raise ValueError(f"--slca-prior-folds {self.slca_prior_folds}: use 0 (in-sample probe logits) or 2 or more")
+        if self.slca_prior_blend and not self.slca_prior:
+            raise ValueError("--slca-prior-blend blends the prior in: drop --no-slca-prior, or drop --slca-prior-blend")
         if not self.slca_distill >= 0:
             raise ValueError(f"--slca-distill {self.slca_distill}: give a loss weight of 0 (off) or more")
         if not self.slca_lr_mult > 0:
@@ -117,6 +121,8 @@ def model_kwargs(cfg: ClassifyConfig, num_classes: int, img_size: int) -> dict[s
                       gate=cfg.slca_gate, fuse=bool(cfg.slca_fuse), norm=bool(cfg.slca_norm),
                       branch=bool(cfg.slca_branch), spatial=bool(cfg.slca_spatial), add=bool(cfg.slca_add),
                       prior=bool(cfg.slca_prior), distill=cfg.slca_distill > 0)
+            if cfg.slca_prior and cfg.slca_prior_blend:
+                kw["prior_weight"] = 0.0  # while training; the weight chosen on validation replaces it
         return kw
     if kind == "sam_head":
         return dict(num_classes=num_classes, width=cfg.head_width, drop_rate=cfg.drop_rate or 0.1)

@@ -1,4 +1,5 @@
-"""The ``probe`` model's fit: scikit-learn logistic regression on pooled SAM embeddings."""
+"""The ``probe`` model's fit (scikit-learn logistic regression on pooled SAM embeddings), and
+slca's use of it as a prior: its out-of-fold logits (stacking) or its weight (blending)."""
 from __future__ import annotations
 
 import math
@@ -7,10 +8,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from cache.schema import EMBED_SHAPE
 from stages.classify.data import Prepared
 from stages.classify.metrics import classification_metrics
+from stages.classify.scoring import to_device
 from stages.common.training import History
 from stages.models.sam_head import LinearProbe
 
@@ -113,3 +116,40 @@ def out_of_fold_logits(cfg, fit: ProbeFit, n_classes: int, folds: int, progress:
         else:
             out[held] = z
     return out
+
+
+# the prior weights tried by --slca-prior-blend (0: the network alone; 1: equal to stacking's)
+BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+@torch.no_grad()
+def choose_prior_weight(net, loader, y: np.ndarray, classes: list[str], device, amp, history: History) -> float:
+    """The weight w of the prior's logits in ``net(x) + w * prior(x)`` with the best AUC on
+    ``loader`` (validation; ties: lower loss, then the smaller w), for a network trained
+    without its prior. One history row per w; sets ``net.prior_weight`` to the choice."""
+    from sklearn.metrics import log_loss
+
+    net.eval()
+    net.prior_weight = 0.0
+    own = prior = None
+    for batch in loader:
+        image, sam, _ = to_device(batch, device)
+        with amp.autocast():
+            z = net(image, sam).float()
+        zp = net.prior(None, sam).float()
+        if own is None:
+            own, prior = torch.zeros(len(loader.dataset), z.shape[1]), torch.zeros(len(loader.dataset), z.shape[1])
+        own[batch["pos"]], prior[batch["pos"]] = z.cpu(), zp.cpu()
+    k = len(classes)
+    best, choice = (-math.inf, -math.inf), 0.0
+    for i, w in enumerate(BLEND_WEIGHTS):
+        probs = torch.softmax((own + w * prior).double(), dim=1).numpy()
+        vm = classification_metrics(y, probs, classes, log_loss(y, probs, labels=list(range(k))))
+        history.append({"epoch": i + 1, "val_loss": vm["loss"], "val_auc": vm["auc"], "val_accuracy": vm["accuracy"],
+                        "val_balanced_accuracy": vm["balanced_accuracy"], "val_f1_macro": vm["f1_macro"],
+                        "prior_weight": w})
+        value = (vm["auc"] if math.isfinite(vm["auc"]) else -math.inf, -vm["loss"])
+        if value > best:
+            best, choice = value, w
+    net.prior_weight = choice
+    return choice

@@ -11,6 +11,7 @@ Outputs (``ClassifyConfig.out``)::
     config.json      the configuration, for people
     confusion_test.png  roc_test.png  history.png  slca_attention.png, slca_gates.json (slca only)
     prior.csv        slca with --slca-prior: the probe fit (one row per C) whose logits it adds
+    blend.csv        slca with --slca-prior-blend: validation metrics per prior weight tried
 
 All four model kinds are trained and scored through the same code path, so their
 numbers are comparable. The torch models train on ``stages.common.trainer.Trainer``
@@ -35,7 +36,7 @@ from stages.classify.config import ClassifyConfig, check_init, init_kwargs, mode
 from stages.classify.data import ClassifyData, Prepared, auto_img_size, make_loader
 from stages.classify.metrics import classification_metrics
 from stages.common.jsonio import write_json
-from stages.classify.probe import fit_probe, out_of_fold_logits
+from stages.classify.probe import choose_prior_weight, fit_probe, out_of_fold_logits
 from stages.classify.scoring import predict_loader, score_and_write, to_device
 from stages.common.joined import open_joined, store_record
 from stages.common.runtime import loader_workers, resolve_device, resolve_precision, tune_allocator
@@ -61,7 +62,7 @@ HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", 
                   "val_f1_macro", "lr", "seconds"]
 OUTPUT_FILES = ("model.pt", "last.pt", "metrics.json", "history.csv", "predictions.csv", "config.json",
                 "confusion_test.png", "roc_test.png", "history.png", "slca_attention.png",
-                "slca_gates.json", "prior.csv")
+                "slca_gates.json", "prior.csv", "blend.csv")
 
 
 class ClassifyTrainer(Trainer):
@@ -205,9 +206,13 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
                                      prep, out, progress)
         best = trainer.fit()
     net.load_state_dict(load_checkpoint(out / "model.pt")["state_dict"])
+    blend = {}
+    if cfg.slca_prior_blend and getattr(net, "prior", None) is not None:
+        blend["prior_weight"] = _blend_prior(net, val_loader, prep, out, device, amp, progress)
     parts = {"val": (prep.splits["val"], val_loader), "test": (prep.splits["test"], loader("test", False))}
     metrics = score_and_write(net, parts, prep, device, amp, out, cfg.plots, cfg.attention_images)
-    metrics.update(n_train=len(prep.splits["train"]), best_epoch=best, train_seconds=time.perf_counter() - t0)
+    metrics.update(n_train=len(prep.splits["train"]), best_epoch=best, train_seconds=time.perf_counter() - t0,
+                   **blend)
     write_json(metrics, out / "metrics.json")
     return metrics
 
@@ -234,10 +239,25 @@ def _fit_prior(cfg: ClassifyConfig, prior: nn.Module, train_loader, val_loader, 
     log("slca prior: fitting the probe on the pooled SAM features first", progress)
     fit = fit_probe(cfg, prior, train_loader, val_loader, prep, History(out / "prior.csv", HISTORY_FIELDS + ["C"]),
                     progress)
-    if cfg.slca_prior_folds < 2:
+    if cfg.slca_prior_folds < 2 or cfg.slca_prior_blend:  # blending trains without the prior
         return None
     oof = out_of_fold_logits(cfg, fit, len(prep.classes), cfg.slca_prior_folds, progress)
     return None if oof is None else torch.from_numpy(oof)
+
+
+def _blend_prior(net: nn.Module, val_loader, prep: Prepared, out: Path, device: torch.device, amp: Amp,
+                 progress: bool) -> float:
+    """Choose the prior's weight on validation for a network trained without it, and write it
+    into model.pt's model_kwargs (so evaluate and predict rebuild the blend)."""
+    y_val = prep.joined.labels[prep.splits["val"]]
+    history = History(out / "blend.csv", ["epoch", "prior_weight", "val_loss", "val_auc", "val_accuracy",
+                                          "val_balanced_accuracy", "val_f1_macro"])
+    w = choose_prior_weight(net, val_loader, y_val, prep.classes, device, amp, history)
+    saved = load_checkpoint(out / "model.pt")
+    saved["model_kwargs"]["prior_weight"] = w
+    save_atomic(saved, out / "model.pt")
+    log(f"slca prior: blended in at weight {w:g} (best validation AUC of {len(history.rows())} weights)", progress)
+    return w
 
 
 def _fit_probe(cfg: ClassifyConfig, net: nn.Module, train_loader, val_loader, prep: Prepared, out: Path,

@@ -193,6 +193,8 @@ class SLCAClassifier(nn.Module):
         prior: also add the logits of a frozen ``LinearProbe`` (the probe, fitted by
             scikit-learn before training starts), so the network starts from the probe's
             answer and learns what the pooled SAM descriptor misses (stacking).
+        prior_weight: the prior's logits are multiplied by this (1: stacking; 0 while the
+            network trains alone, as ``--slca-prior-blend`` does before choosing it on validation).
         distill: also a 1x1 conv from the last SLCA stage's own output (before its gate) to
             the 256 SAM channels; ``forward(..., aux=True)`` then also returns the training's
             auxiliary loss, the MSE between it and the SAM features pooled to that stage's
@@ -210,7 +212,7 @@ class SLCAClassifier(nn.Module):
                  slca: bool = True, stages: str | Sequence[int | str] = "all", window: int = 8,
                  hidden: int = 64, act: str = "gelu", gate: str = "residual", fuse: bool = False,
                  norm: bool = False, branch: bool = False, spatial: bool = False, add: bool = False,
-                 prior: bool = False, distill: bool = False, drop_rate: float = 0.0,
+                 prior: bool = False, prior_weight: float = 1.0, distill: bool = False, drop_rate: float = 0.0,
                  backbone_kwargs: dict | None = None, pretrained: bool | str | Path = False):
         super().__init__()
         self.net = create_backbone(backbone, num_classes, img_size, drop_rate, pretrained,
@@ -226,6 +228,7 @@ class SLCAClassifier(nn.Module):
         self.fuse = nn.Sequential(nn.LayerNorm(SAM_CHANNELS), nn.Linear(SAM_CHANNELS, num_classes)) \
             if slca and fuse else None
         self.branch = self.prior = None
+        self.prior_weight = float(prior_weight)  # a float, not a buffer: model_kwargs carries it
         if slca and (branch or prior):
             # imported here, not at the top: sam_head registers its models on import, and the
             # registry lists models in registration order (slca, backbone first)
@@ -282,8 +285,9 @@ class SLCAClassifier(nn.Module):
             logits = logits + self.fuse(sam.mean(dim=(2, 3)).to(logits.dtype))
         if self.branch is not None:
             logits = logits + self.branch(None, sam).to(logits.dtype)
-        if self.prior is not None:
-            logits = logits + (self.prior(None, sam) if prior is None else prior).to(logits.dtype)
+        if self.prior is not None and self.prior_weight:
+            z = self.prior(None, sam) if prior is None else prior
+            logits = logits + self.prior_weight * z.to(logits.dtype)
         return (logits, self._distill_loss(stage, sam)) if aux else logits
 
     def _distill_loss(self, stage: torch.Tensor | None, sam: torch.Tensor) -> torch.Tensor:
@@ -361,7 +365,7 @@ def load_weights(net: nn.Module, path: str | Path) -> tuple[int, int]:
 
 # the SLCA-only constructor arguments (model_kwargs of a slca run); backbone drops them
 SLCA_OPTIONS = ("stages", "window", "hidden", "act", "gate", "fuse", "norm", "branch", "spatial", "add", "prior",
-                "distill")
+                "prior_weight", "distill")
 
 
 @register_model
