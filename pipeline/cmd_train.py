@@ -39,8 +39,7 @@ RENAMED = {"from_cache": "store", "option": "dataset_options", "sam_head_width":
 @app.command(help=HELP)
 @handle_errors
 def train(
-    ctx: typer.Context,
-    from_cache: opt.FromCache,
+    ctx: typer.Context, from_cache: opt.FromCache,
     out: Annotated[Path, opt.out("Run folder: model.pt, metrics.json, history.csv, predictions.csv, PNGs.")],
     task: str = typer.Option("classify", "--task", help="classify (image labels) or segment (pixel masks)."),
     model: str = typer.Option("slca", "--model", "-m", help="classify: slca (backbone + SLCA), backbone (no SLCA), probe (logistic regression on pooled SAM features), sam-head (small CNN on SAM features)."),
