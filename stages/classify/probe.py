@@ -13,7 +13,7 @@ import torch
 from cache.schema import EMBED_SHAPE
 from stages.classify.data import Prepared
 from stages.classify.metrics import classification_metrics
-from stages.classify.scoring import to_device
+from stages.classify.scoring import iter_logits
 from stages.common.training import History
 from stages.models.sam_head import LinearProbe
 
@@ -129,17 +129,14 @@ def choose_prior_weight(net, loader, y: np.ndarray, classes: list[str], device, 
     without its prior. One history row per w; sets ``net.prior_weight`` to the choice."""
     from sklearn.metrics import log_loss
 
-    net.eval()
     net.prior_weight = 0.0
+    n = len(loader.dataset)
     own = prior = None
-    for batch in loader:
-        image, sam, _ = to_device(batch, device)
-        with amp.autocast():
-            z = net(image, sam).float()
+    for pos, z, _, sam in iter_logits(net, loader, device, amp):
         zp = net.prior(None, sam).float()
         if own is None:
-            own, prior = torch.zeros(len(loader.dataset), z.shape[1]), torch.zeros(len(loader.dataset), z.shape[1])
-        own[batch["pos"]], prior[batch["pos"]] = z.cpu(), zp.cpu()
+            own, prior = torch.zeros(n, z.shape[1]), torch.zeros(n, z.shape[1])
+        own[pos], prior[pos] = z.cpu(), zp.cpu()
     k = len(classes)
     best, choice = (-math.inf, -math.inf), 0.0
     for i, w in enumerate(BLEND_WEIGHTS):

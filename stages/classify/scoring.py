@@ -23,25 +23,31 @@ def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def predict_loader(net: nn.Module, loader, device: torch.device, amp: Amp,
-                   criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
-    """Class probabilities (N,K) in dataset position order, and the mean loss."""
+def iter_logits(net: nn.Module, loader, device: torch.device, amp: Amp):
+    """Per batch of ``loader``, in eval mode: (positions (B,), float32 logits (B,K), labels (B,),
+    SAM input or None), the one forward loop of scoring, validation and blending."""
     net.eval()
-    n = len(loader.dataset)
-    probs: np.ndarray | None = None
-    total, count = 0.0, 0
     for batch in loader:
         image, sam, y = to_device(batch, device)
         with amp.autocast():
             logits = net(image, sam)
-        logits = logits.float()
+        yield batch["pos"], logits.float(), y, sam
+
+
+def predict_loader(net: nn.Module, loader, device: torch.device, amp: Amp,
+                   criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
+    """Class probabilities (N,K) in dataset position order, and the mean loss."""
+    n = len(loader.dataset)
+    probs: np.ndarray | None = None
+    total, count = 0.0, 0
+    for pos, logits, y, _ in iter_logits(net, loader, device, amp):
         if criterion is not None:
             total += float(criterion(logits, y)) * len(y)
             count += len(y)
         p = torch.softmax(logits, dim=1).cpu().numpy()
         if probs is None:
             probs = np.zeros((n, p.shape[1]), np.float64)
-        probs[batch["pos"].numpy()] = p
+        probs[pos.numpy()] = p
     return probs, (total / count if count else float("nan"))
 
 

@@ -36,7 +36,7 @@ from stages.classify.config import ClassifyConfig, check_init, init_kwargs, mode
 from stages.classify.data import ClassifyData, Prepared, auto_img_size, make_loader
 from stages.classify.metrics import classification_metrics
 from stages.common.jsonio import write_json
-from stages.classify.probe import choose_prior_weight, fit_probe, out_of_fold_logits
+from stages.classify.probe import BLEND_WEIGHTS, choose_prior_weight, fit_probe, out_of_fold_logits
 from stages.classify.scoring import predict_loader, score_and_write, to_device
 from stages.common.joined import open_joined, store_record
 from stages.common.runtime import loader_workers, resolve_device, resolve_precision, tune_allocator
@@ -205,10 +205,11 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
             trainer.oof = _fit_prior(cfg, net.prior, loader("train", False, False), loader("val", False, False),
                                      prep, out, progress)
         best = trainer.fit()
-    net.load_state_dict(load_checkpoint(out / "model.pt")["state_dict"])
+    saved = load_checkpoint(out / "model.pt")
+    net.load_state_dict(saved["state_dict"])
     blend = {}
     if cfg.slca_prior_blend and getattr(net, "prior", None) is not None:
-        blend["prior_weight"] = _blend_prior(net, val_loader, prep, out, device, amp, progress)
+        blend["prior_weight"] = _blend_prior(net, saved, val_loader, prep, out, device, amp, progress)
     parts = {"val": (prep.splits["val"], val_loader), "test": (prep.splits["test"], loader("test", False))}
     metrics = score_and_write(net, parts, prep, device, amp, out, cfg.plots, cfg.attention_images)
     metrics.update(n_train=len(prep.splits["train"]), best_epoch=best, train_seconds=time.perf_counter() - t0,
@@ -245,18 +246,17 @@ def _fit_prior(cfg: ClassifyConfig, prior: nn.Module, train_loader, val_loader, 
     return None if oof is None else torch.from_numpy(oof)
 
 
-def _blend_prior(net: nn.Module, val_loader, prep: Prepared, out: Path, device: torch.device, amp: Amp,
-                 progress: bool) -> float:
+def _blend_prior(net: nn.Module, saved: dict[str, Any], val_loader, prep: Prepared, out: Path,
+                 device: torch.device, amp: Amp, progress: bool) -> float:
     """Choose the prior's weight on validation for a network trained without it, and write it
-    into model.pt's model_kwargs (so evaluate and predict rebuild the blend)."""
+    into model.pt's model_kwargs (``saved``, as loaded), so evaluate and predict rebuild the blend."""
     y_val = prep.joined.labels[prep.splits["val"]]
     history = History(out / "blend.csv", ["epoch", "prior_weight", "val_loss", "val_auc", "val_accuracy",
                                           "val_balanced_accuracy", "val_f1_macro"])
     w = choose_prior_weight(net, val_loader, y_val, prep.classes, device, amp, history)
-    saved = load_checkpoint(out / "model.pt")
     saved["model_kwargs"]["prior_weight"] = w
     save_atomic(saved, out / "model.pt")
-    log(f"slca prior: blended in at weight {w:g} (best validation AUC of {len(history.rows())} weights)", progress)
+    log(f"slca prior: blended in at weight {w:g} (best validation AUC of {len(BLEND_WEIGHTS)} weights)", progress)
     return w
 
 
