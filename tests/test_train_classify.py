@@ -397,7 +397,8 @@ def test_slca_prior_blend_trains_alone_then_adds_the_prior_at_its_best_validatio
     # model.pt carries the weight: evaluate rebuilds the same blend
     again = evaluate_classifier(tmp_path / "blend" / "model.pt", url, dataset=ds, progress=False)
     assert again["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
-    # resumed after training (as after a stop while blending): the same choice, blend.csv written afresh
+    # resuming the finished run (the state a stop while blending leaves: training done, model.pt
+    # saved) chooses the same weight and writes blend.csv afresh
     resumed = train_classifier(dataclasses.replace(cfg, resume=True), dataset=ds, progress=False)
     assert resumed["prior_weight"] == w and resumed["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
     assert _csv(tmp_path / "blend" / "blend.csv") == rows
