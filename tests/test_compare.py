@@ -251,7 +251,8 @@ def test_a_run_older_than_an_option_counts_as_made_without_it():
     """A config.json written before --slca-norm existed is a run without it, not one with
     today's default (norm on): reusing it as such would mislabel its numbers."""
     want = dataclasses.asdict(dataclasses.replace(cmp.ClassifyConfig(store="s", out="o"), model="slca"))
-    old = {k: v for k, v in want.items() if k not in ("slca_norm", "slca_branch", "slca_prior")}
-    assert set(cmp._same(old, want)) == {"slca_norm", "slca_branch", "slca_prior"}  # all on by default now
-    assert cmp._same({**old, "slca_norm": True, "slca_branch": True, "slca_prior": True}, want) == []
+    new = ("slca_norm", "slca_branch", "slca_prior", "slca_prior_blend")
+    old = {k: v for k, v in want.items() if k not in new}
+    assert set(cmp._same(old, want)) == set(new)  # all on by default now
+    assert cmp._same({**old, **{k: True for k in new}}, want) == []
     assert cmp._same({**old, "model": "probe"}, {**want, "model": "probe"}) == []  # no SLCA in a probe run

@@ -350,7 +350,7 @@ def test_precise_bn_sets_the_running_statistics_to_the_training_average():
 def test_slca_prior_is_the_probe_fit_frozen_through_training_and_resume(toy, tmp_path):
     ds, url = toy
     probe = train_classifier(_cfg(url, tmp_path / "probe", model="probe"), dataset=ds, progress=False)
-    cfg = _cfg(url, tmp_path / "slca", model="slca", slca_prior=True, epochs=2)
+    cfg = _cfg(url, tmp_path / "slca", model="slca", slca_prior=True, slca_prior_blend=False, epochs=2)
     train_classifier(cfg, dataset=ds, progress=False)
     fit = load_checkpoint(tmp_path / "probe" / "model.pt")["state_dict"]
     got = load_checkpoint(tmp_path / "slca" / "model.pt")
@@ -381,7 +381,7 @@ def test_slca_prior_blend_trains_alone_then_adds_the_prior_at_its_best_validatio
     from stages.classify.probe import BLEND_WEIGHTS
 
     ds, url = toy
-    cfg = _cfg(url, tmp_path / "blend", model="slca", slca_prior_blend=True, epochs=2)
+    cfg = _cfg(url, tmp_path / "blend", model="slca", epochs=2)  # blending is the default
     metrics = train_classifier(cfg, dataset=ds, progress=False)
     saved = load_checkpoint(tmp_path / "blend" / "model.pt")
     rows = _csv(tmp_path / "blend" / "blend.csv")
@@ -402,9 +402,11 @@ def test_slca_prior_blend_trains_alone_then_adds_the_prior_at_its_best_validatio
     resumed = train_classifier(dataclasses.replace(cfg, resume=True), dataset=ds, progress=False)
     assert resumed["prior_weight"] == w and resumed["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
     assert _csv(tmp_path / "blend" / "blend.csv") == rows
-    with pytest.raises(ValueError, match="--slca-prior-blend"):
-        train_classifier(dataclasses.replace(cfg, out=str(tmp_path / "bad"), slca_prior=False), dataset=ds,
-                         progress=False)
+    # without the prior there is nothing to blend: no weight is chosen, none is saved
+    alone = train_classifier(dataclasses.replace(cfg, out=str(tmp_path / "alone"), slca_prior=False), dataset=ds,
+                             progress=False)
+    assert "prior_weight" not in alone and not (tmp_path / "alone" / "blend.csv").exists()
+    assert "prior_weight" not in load_checkpoint(tmp_path / "alone" / "model.pt")["model_kwargs"]
 
 
 def test_out_of_fold_prior_logits_are_those_of_fits_that_did_not_see_the_image(toy):

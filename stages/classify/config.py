@@ -32,16 +32,17 @@ class ClassifyConfig:
     slca_gate: str = "residual"
     slca_fuse: bool = False
     # the measured defaults (README, Benchmarks): SAM channels standardised before the
-    # bottleneck, plus the sam-head branch, plus the probe's out-of-fold logits as a frozen
-    # prior (validation AUC over three sets); all False is the SLCA of the first release
+    # bottleneck, plus the sam-head branch, plus the probe as a frozen prior blended in after
+    # training (validation AUC over three sets); all False is the SLCA of the first release
     slca_norm: bool = True
     slca_branch: bool = True
     slca_spatial: bool = False
     slca_add: bool = False
     slca_prior: bool = True
     slca_prior_folds: int = 5
-    # train without the prior, then add it at the weight that is best on validation
-    slca_prior_blend: bool = False
+    # train without the prior, then add it at the weight that is best on validation (False:
+    # stacking on its out-of-fold logits); without the prior there is nothing to blend
+    slca_prior_blend: bool = True
     slca_distill: float = 0.0
     slca_lr_mult: float = 1.0
     head_width: int = 64
@@ -79,8 +80,6 @@ class ClassifyConfig:
         check_schedule(self.epochs, self.batch_size, self.lr)
         if self.slca_prior_folds < 0 or self.slca_prior_folds == 1:
             raise ValueError(f"--slca-prior-folds {self.slca_prior_folds}: use 0 (in-sample probe logits) or 2 or more")
-        if self.slca_prior_blend and not self.slca_prior:
-            raise ValueError("--slca-prior-blend blends the prior in: drop --no-slca-prior, or drop --slca-prior-blend")
         if not self.slca_distill >= 0:
             raise ValueError(f"--slca-distill {self.slca_distill}: give a loss weight of 0 (off) or more")
         if not self.slca_lr_mult > 0:
@@ -97,7 +96,7 @@ class ClassifyConfig:
 # a config.json without the key means this (comparisons must not reuse such a run as if it
 # had been trained with the new default)
 BEFORE_OPTION = {"slca_norm": False, "slca_branch": False, "slca_spatial": False, "slca_add": False,
-                 "slca_prior": False, "slca_prior_folds": 0, "slca_distill": 0.0}
+                 "slca_prior": False, "slca_prior_folds": 0, "slca_prior_blend": False, "slca_distill": 0.0}
 
 
 def model_kinds() -> list[str]:
