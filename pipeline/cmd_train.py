@@ -60,7 +60,7 @@ def train(
     slca_branch: bool = typer.Option(True, "--slca-branch/--no-slca-branch", help="slca: also add the logits of a sam-head CNN on the SAM grid (late fusion)."),
     slca_spatial: bool = typer.Option(False, "--slca-spatial/--no-slca-spatial", help="slca: also a spatial map per SAM window, multiplied into the channel gate."),
     slca_add: bool = typer.Option(False, "--slca-add/--no-slca-add", help="slca: also add projected SAM features to each gated stage (fusion)."),
-    slca_prior: bool = typer.Option(True, "--slca-prior/--no-slca-prior", help="slca: fit the probe first and add its frozen logits (stacking: the network learns what the probe misses)."),
+    slca_prior: bool = typer.Option(True, "--slca-prior/--no-slca-prior", help="slca: fit the probe first and hold it frozen as a prior; --slca-prior-blend says how its logits join the network's."),
     slca_prior_folds: int = typer.Option(5, "--slca-prior-folds", help="slca prior, with --no-slca-prior-blend: train on the probe's out-of-fold logits from this many stratified folds (0: its in-sample logits)."),
     slca_prior_blend: bool = typer.Option(True, "--slca-prior-blend/--no-slca-prior-blend", help="slca prior: train the network without it, then add the prior's logits at the weight (0-2) best on validation AUC (late fusion); --no-slca-prior-blend stacks on its out-of-fold logits instead."),
     slca_distill: float = typer.Option(0.0, "--slca-distill", help="slca: weight of an auxiliary loss in which the last SLCA stage predicts the cached SAM features (0: off)."),
