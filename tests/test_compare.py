@@ -256,3 +256,18 @@ def test_a_run_older_than_an_option_counts_as_made_without_it():
     assert set(cmp._same(old, want)) == set(new)  # all on by default now
     assert cmp._same({**old, **{k: True for k in new}}, want) == []
     assert cmp._same({**old, "model": "probe"}, {**want, "model": "probe"}) == []  # no SLCA in a probe run
+
+
+def test_settings_without_effect_do_not_block_reuse():
+    """A run differs from a request only in settings that change it: without the prior there
+    is nothing to blend or fold, and a blended prior uses no out-of-fold logits."""
+    alone = dataclasses.asdict(dataclasses.replace(cmp.ClassifyConfig(store="s", out="o"), model="slca",
+                                                   slca_prior=False))
+    # an slca/prior=0 run made when stacking was the default is today's slca/prior=0
+    assert cmp._same({**alone, "slca_prior_blend": False, "slca_prior_folds": 0}, alone) == []
+    blend = {**alone, "slca_prior": True}
+    assert cmp._same({**blend, "slca_prior_folds": 3}, blend) == []
+    stack = {**blend, "slca_prior_blend": False}
+    assert cmp._same({**stack, "slca_prior_folds": 3}, stack) == ["slca_prior_folds"]
+    assert cmp._same(stack, blend) == ["slca_prior_blend"]
+    assert set(cmp._same(alone, blend)) == {"slca_prior"}

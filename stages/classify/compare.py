@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from stages.common.jsonio import write_json
-from stages.classify.config import BEFORE_OPTION, ClassifyConfig, is_model_kind, model_kinds
+from stages.classify.config import BEFORE_OPTION, ClassifyConfig, is_model_kind, model_kinds, moot
 from stages.classify.train import OUTPUT_FILES, train_classifier
 from stages.common.trainer import RESUME_FREE
 from stages.models.registry import canonical
@@ -147,11 +147,13 @@ def run_dir(out: str | Path, spec: str, fraction: float, seed: int) -> Path:
 def _same(old: dict[str, Any], want: dict[str, Any]) -> list[str]:
     """Keys whose values differ (options added since the old run count as what runs did before
     them, ``BEFORE_OPTION``, else as their defaults; SLCA settings only for slca runs, so a
-    new SLCA default keeps the other runs reusable)."""
+    new SLCA default keeps the other runs reusable; settings without effect in both, ``moot``,
+    neither)."""
     defaults = dataclasses.asdict(ClassifyConfig(store="", out=""))
     old = {**defaults, **BEFORE_OPTION, **old}
     slca_run = canonical(str(want.get("model"))) == "slca"
-    return [k for k in want if k not in FREE and (slca_run or not k.startswith("slca_")) and old.get(k) != want[k]]
+    skip = {*FREE, *(moot(old) & moot(want))}
+    return [k for k in want if k not in skip and (slca_run or not k.startswith("slca_")) and old.get(k) != want[k]]
 
 
 def plan_run(run: Run, overwrite: bool) -> Run:

@@ -99,6 +99,15 @@ BEFORE_OPTION = {"slca_norm": False, "slca_branch": False, "slca_spatial": False
                  "slca_prior": False, "slca_prior_folds": 0, "slca_prior_blend": False, "slca_distill": 0.0}
 
 
+def moot(cfg: dict[str, Any]) -> set[str]:
+    """Settings of a run (``ClassifyConfig`` as a dict) that its other settings make without
+    effect: how the prior joins the network when there is no prior, and the stacking folds
+    when the prior is blended in after training."""
+    if not cfg.get("slca_prior"):
+        return {"slca_prior_blend", "slca_prior_folds"}
+    return {"slca_prior_folds"} if cfg.get("slca_prior_blend") else set()
+
+
 def model_kinds() -> list[str]:
     """The registered classifiers in CLI spelling (``sam-head``)."""
     return [n.replace("_", "-") for n in list_models()]
