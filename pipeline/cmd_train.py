@@ -26,7 +26,8 @@ image changed since extraction, is refused.
 # options of one task only (parameter names); the rest mean the same for both
 CLASSIFY_ONLY = ("model", "backbone", "backbone_weights", "pretrained", "img_size", "slca_stages", "slca_window",
                  "slca_hidden", "slca_act", "slca_gate", "slca_fuse", "slca_norm", "slca_branch", "slca_spatial",
-                 "slca_add", "slca_prior", "slca_prior_folds", "slca_prior_blend", "slca_distill", "slca_lr_mult",
+                 "slca_add", "slca_prior", "slca_prior_folds", "slca_prior_blend", "slca_distill", "slca_branch_sup",
+                 "slca_lr_mult",
                  "sam_head_width", "drop_rate", "warmup_epochs",
                  "class_weights", "label_smoothing", "clip_grad", "precise_bn", "augment", "split_seed",
                  "val_fraction", "test_fraction", "probe_c", "attention_images", "plots")
@@ -64,6 +65,7 @@ def train(
     slca_prior_folds: int = typer.Option(5, "--slca-prior-folds", help="slca prior, with --no-slca-prior-blend: train on the probe's out-of-fold logits from this many stratified folds (0: its in-sample logits)."),
     slca_prior_blend: bool = typer.Option(True, "--slca-prior-blend/--no-slca-prior-blend", help="slca prior: train the network without it, then add the prior's logits at the weight (0-2) best on validation AUC (late fusion); --no-slca-prior-blend stacks on its out-of-fold logits instead."),
     slca_distill: float = typer.Option(0.0, "--slca-distill", help="slca: weight of an auxiliary loss in which the last SLCA stage predicts the cached SAM features (0: off)."),
+    slca_branch_sup: float = typer.Option(0.0, "--slca-branch-sup", help="slca: weight of a second loss on the sam-head branch's own logits (deep supervision; 0: off)."),
     slca_lr_mult: float = typer.Option(1.0, "--slca-lr-mult", help="slca: learning-rate factor of the SLCA blocks."),
     sam_head_width: int = typer.Option(64, "--sam-head-width", help="Width of the sam-head CNN."),
     drop_rate: float = typer.Option(0.0, "--drop-rate", help="Dropout before the classifier (sam-head: 0 means 0.1)."),
@@ -84,8 +86,7 @@ def train(
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Validation share when the dataset has no val split."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="Test share when the dataset has no test split."),
     probe_c: str = typer.Option("0.001,0.01,0.1,1,10", "--probe-c", help="probe: inverse regularisation strengths tried (best val AUC wins)."),
-    device: opt.Device = "auto",
-    precision: opt.Precision = "auto",
+    device: opt.Device = "auto", precision: opt.Precision = "auto",
     workers: opt.Workers = -1,
     in_memory: opt.InMemory = False,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last finished epoch."),

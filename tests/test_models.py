@@ -247,8 +247,9 @@ def test_slca_distill_loss_is_the_last_stage_predicting_the_pooled_sam_features(
     x, sam = torch.randn(4, 3, 32, 32), _sam(4)
     stage = {}
     net.net.layer4.register_forward_hook(lambda m, i, o: stage.update(out=o))
-    logits, loss = net(x, sam, aux=True)
-    assert net.has_aux and net._stage_out is None  # nothing of the forward is kept on the module
+    logits, aux = net(x, sam, aux=True)
+    loss = aux["distill"]
+    assert net._stage_out is None  # nothing of the forward is kept on the module
     torch.testing.assert_close(logits, net(x, sam))  # asking for the loss changes no logit
     pred = net.distill(stage["out"])  # the stage's own output, before its gate
     t = torch.nn.functional.adaptive_avg_pool2d(sam, pred.shape[2:])
@@ -257,13 +258,25 @@ def test_slca_distill_loss_is_the_last_stage_predicting_the_pooled_sam_features(
     loss.backward()
     assert net.distill.weight.grad.abs().sum() > 0 and net.net.conv1[0].weight.grad.abs().sum() > 0  # reaches the stem
     net.train()
-    start = net(x, sam, aux=True)[1].detach()
+    start = net(x, sam, aux=True)[1]["distill"].detach()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(20):  # the backbone can learn the SAM features of a fixed batch
         opt.zero_grad()
-        net(x, sam, aux=True)[1].backward()
+        net(x, sam, aux=True)[1]["distill"].backward()
         opt.step()
-    assert net(x, sam, aux=True)[1] < 0.5 * start
+    assert net(x, sam, aux=True)[1]["distill"] < 0.5 * start
     plain = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32)
-    assert plain.distill is None and not plain.has_aux and not any(k.startswith("distill") for k in plain.state_dict())
-    assert plain(x, sam, aux=True)[1] == 0
+    assert plain.distill is None and not any(k.startswith("distill") for k in plain.state_dict())
+    assert net(x, sam, aux=True)[1].keys() == {"distill"} and plain(x, sam, aux=True)[1] == {}
+
+
+def test_slca_aux_returns_the_branch_logits_that_the_total_adds():
+    torch.manual_seed(0)
+    net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32, branch=True).eval()
+    x, sam = torch.randn(4, 3, 32, 32), _sam(4)
+    logits, aux = net(x, sam, aux=True)
+    assert aux.keys() == {"branch"}
+    torch.testing.assert_close(aux["branch"], net.branch(None, sam))
+    torch.testing.assert_close(logits - aux["branch"], net.forward_head(net.forward_features(x, sam)))
+    torch.nn.functional.cross_entropy(aux["branch"], torch.tensor([0, 1, 2, 0])).backward()
+    assert net.branch.fc.weight.grad.abs().sum() > 0 and net.net.fc.weight.grad is None  # the branch alone

@@ -450,3 +450,25 @@ def test_slca_distill_adds_its_auxiliary_loss_to_training(toy, tmp_path):
     with pytest.raises(ValueError, match="--slca-distill"):
         train_classifier(dataclasses.replace(plain, out=str(tmp_path / "bad"), slca_distill=-1), dataset=ds,
                          progress=False)
+
+
+def test_slca_branch_sup_adds_the_branch_loss_to_training(toy, tmp_path):
+    ds, url = toy
+    plain = _cfg(url, tmp_path / "plain", model="slca", epochs=1, slca_prior=False)
+    train_classifier(plain, dataset=ds, progress=False)
+    sup = dataclasses.replace(plain, out=str(tmp_path / "sup"), slca_branch_sup=1.0)
+    train_classifier(sup, dataset=ds, progress=False)
+    loss = {k: float(_csv(tmp_path / k / "history.csv")[0]["train_loss"]) for k in ("plain", "sup")}
+    # a second cross-entropy of order log(K) on top of the first, from the same start
+    assert loss["sup"] > loss["plain"] + 0.3
+    same = load_checkpoint(tmp_path / "sup" / "model.pt")["model_kwargs"]
+    assert same == load_checkpoint(tmp_path / "plain" / "model.pt")["model_kwargs"]  # a training choice only
+    nobranch = dataclasses.replace(plain, out=str(tmp_path / "nb"), slca_branch=False)
+    train_classifier(nobranch, dataset=ds, progress=False)
+    train_classifier(dataclasses.replace(nobranch, out=str(tmp_path / "nb_sup"), slca_branch_sup=1.0), dataset=ds,
+                     progress=False)
+    assert _csv(tmp_path / "nb" / "history.csv")[0]["train_loss"] == _csv(tmp_path / "nb_sup" / "history.csv")[0][
+        "train_loss"]  # without a branch the option has nothing to supervise
+    with pytest.raises(ValueError, match="--slca-branch-sup"):
+        train_classifier(dataclasses.replace(plain, out=str(tmp_path / "bad"), slca_branch_sup=-1), dataset=ds,
+                         progress=False)

@@ -44,6 +44,7 @@ class ClassifyConfig:
     # stacking on its out-of-fold logits); without the prior there is nothing to blend
     slca_prior_blend: bool = True
     slca_distill: float = 0.0
+    slca_branch_sup: float = 0.0
     slca_lr_mult: float = 1.0
     head_width: int = 64
     drop_rate: float = 0.0
@@ -80,8 +81,9 @@ class ClassifyConfig:
         check_schedule(self.epochs, self.batch_size, self.lr)
         if self.slca_prior_folds < 0 or self.slca_prior_folds == 1:
             raise ValueError(f"--slca-prior-folds {self.slca_prior_folds}: use 0 (in-sample probe logits) or 2 or more")
-        if not self.slca_distill >= 0:
-            raise ValueError(f"--slca-distill {self.slca_distill}: give a loss weight of 0 (off) or more")
+        for name in ("slca_distill", "slca_branch_sup"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: give a loss weight of 0 (off) or more")
         if not self.slca_lr_mult > 0:
             raise ValueError(f"--slca-lr-mult {self.slca_lr_mult}: must be positive")
         if self.patience < 0 or self.warmup_epochs < 0 or self.slca_window < 0 or self.precise_bn < 0:
@@ -96,16 +98,18 @@ class ClassifyConfig:
 # a config.json without the key means this (comparisons must not reuse such a run as if it
 # had been trained with the new default)
 BEFORE_OPTION = {"slca_norm": False, "slca_branch": False, "slca_spatial": False, "slca_add": False,
-                 "slca_prior": False, "slca_prior_folds": 0, "slca_prior_blend": False, "slca_distill": 0.0}
+                 "slca_prior": False, "slca_prior_folds": 0, "slca_prior_blend": False, "slca_distill": 0.0,
+                 "slca_branch_sup": 0.0}
 
 
 def moot(cfg: dict[str, Any]) -> set[str]:
     """Settings of a run (``ClassifyConfig`` as a dict) that its other settings make without
-    effect: how the prior joins the network when there is no prior, and the stacking folds
-    when the prior is blended in after training."""
+    effect: how the prior joins the network when there is no prior, the stacking folds
+    when the prior is blended in after training, and the branch's own loss without a branch."""
+    out = set() if cfg.get("slca_branch", True) else {"slca_branch_sup"}
     if not cfg.get("slca_prior"):
-        return {"slca_prior_blend", "slca_prior_folds"}
-    return {"slca_prior_folds"} if cfg.get("slca_prior_blend") else set()
+        return out | {"slca_prior_blend", "slca_prior_folds"}
+    return out | ({"slca_prior_folds"} if cfg.get("slca_prior_blend") else set())
 
 
 def model_kinds() -> list[str]:

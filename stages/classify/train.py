@@ -87,8 +87,10 @@ class ClassifyTrainer(Trainer):
             log("validation set holds one class: early stopping on validation loss instead of AUC", progress)
         self.gen = torch.Generator()
         self.oof: torch.Tensor | None = None  # out-of-fold prior logits per training position
-        # a model with an auxiliary loss (slca --slca-distill) returns it on request
-        self.aux_weight = cfg.slca_distill if getattr(net, "has_aux", False) else 0.0
+        # losses added to the task's, by what slca's forward(aux=True) returns: the distilled
+        # SAM features (--slca-distill) and the sam-head branch's own logits (--slca-branch-sup)
+        self.aux = {k: w for k, w in (("distill", cfg.slca_distill), ("branch", cfg.slca_branch_sup))
+                    if w and getattr(net, k, None) is not None}
         super().__init__(net, out, record, dataclasses.asdict(cfg), epochs=cfg.epochs, patience=cfg.patience,
                          amp=amp, device=device, resume=cfg.resume, clip=cfg.clip_grad, progress=progress)
 
@@ -113,10 +115,15 @@ class ClassifyTrainer(Trainer):
         image, sam = augment(image, sam, self.modes, self.gen)
         extra = {} if self.oof is None else {"prior": self.oof[batch["pos"]].to(self.device)}
         with self.amp.autocast():
-            if self.aux_weight:
-                logits, aux = self.net(image, sam, aux=True, **extra)
-                return self.criterion(logits.float(), y) + self.aux_weight * aux, len(y), {}
-            return self.criterion(self.net(image, sam, **extra).float(), y), len(y), {}
+            if not self.aux:
+                return self.criterion(self.net(image, sam, **extra).float(), y), len(y), {}
+            logits, aux = self.net(image, sam, aux=True, **extra)
+            loss = self.criterion(logits.float(), y)
+            if "distill" in self.aux:
+                loss = loss + self.aux["distill"] * aux["distill"]
+            if "branch" in self.aux:  # deep supervision: the branch must classify on its own too
+                loss = loss + self.aux["branch"] * self.criterion(aux["branch"].float(), y)
+            return loss, len(y), {}
 
     def after_epoch(self, epoch: int) -> None:
         def forward(batch) -> int:

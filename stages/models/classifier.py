@@ -196,10 +196,10 @@ class SLCAClassifier(nn.Module):
         prior_weight: the prior's logits are multiplied by this (1: stacking; 0 while the
             network trains alone, as ``--slca-prior-blend`` does before choosing it on validation).
         distill: also a 1x1 conv from the last SLCA stage's own output (before its gate) to
-            the 256 SAM channels; ``forward(..., aux=True)`` then also returns the training's
-            auxiliary loss, the MSE between it and the SAM features pooled to that stage's
-            grid and standardised per channel, so the backbone learns SAM-like features from
-            the cache for free.
+            the 256 SAM channels; ``forward(..., aux=True)`` then also returns, as ``"distill"``,
+            the MSE between it and the SAM features pooled to that stage's grid and
+            standardised per channel, so the backbone learns SAM-like features from the cache
+            for free.
         drop_rate: dropout before the classifier.
         pretrained: the backbone's initial weights (``create_backbone``): False (random), True
             (timm's, from the hub or its cache) or a local checkpoint path. Training only: a
@@ -250,12 +250,6 @@ class SLCAClassifier(nn.Module):
         if distill:
             self.distill, self.distill_key = nn.Conv2d(chs, SAM_CHANNELS, 1), key
 
-    @property
-    def has_aux(self) -> bool:
-        """Whether ``forward(..., aux=True)`` returns an auxiliary training loss (the trainer's
-        protocol: it then adds that loss, weighted, to the task's)."""
-        return self.distill is not None
-
     def forward_features(self, image: torch.Tensor, sam: torch.Tensor | None = None) -> torch.Tensor:
         """(B,3,S,S), (B,256,64,64) -> the backbone's last feature map (unpooled)."""
         return self._features(image, sam)[0]
@@ -275,27 +269,33 @@ class SLCAClassifier(nn.Module):
         return self.net.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, image: torch.Tensor, sam: torch.Tensor | None = None,
-                prior: torch.Tensor | None = None, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """-> (B,K) logits; with ``aux``, (logits, the scalar distillation loss). ``prior`` (B,K)
-        replaces the prior's own logits (training on out-of-fold probe logits); ignored
-        without ``prior`` in the constructor."""
+                prior: torch.Tensor | None = None, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        """-> (B,K) logits; with ``aux``, (logits, what training may add losses on): ``"branch"``,
+        the sam-head branch's own (B,K) logits (with ``branch``), and ``"distill"``, the
+        scalar distillation loss (with ``distill``). ``prior`` (B,K) replaces the prior's own
+        logits (training on out-of-fold probe logits); ignored without ``prior`` in the
+        constructor."""
         x, stage = self._features(image, sam)
         logits = self.forward_head(x)
+        extra: dict[str, torch.Tensor] = {}
         if self.fuse is not None:
             logits = logits + self.fuse(sam.mean(dim=(2, 3)).to(logits.dtype))
         if self.branch is not None:
-            logits = logits + self.branch(None, sam).to(logits.dtype)
+            extra["branch"] = self.branch(None, sam).to(logits.dtype)
+            logits = logits + extra["branch"]
         if self.prior is not None and self.prior_weight:
             z = self.prior(None, sam) if prior is None else prior
             logits = logits + self.prior_weight * z.to(logits.dtype)
-        return (logits, self._distill_loss(stage, sam)) if aux else logits
+        if not aux:
+            return logits
+        if self.distill is not None:
+            extra["distill"] = self._distill_loss(stage, sam)
+        return logits, extra
 
-    def _distill_loss(self, stage: torch.Tensor | None, sam: torch.Tensor) -> torch.Tensor:
+    def _distill_loss(self, stage: torch.Tensor, sam: torch.Tensor) -> torch.Tensor:
         """MSE between the distilled stage's prediction (B,256,h,w) and the SAM features of
         the same images pooled to (h,w), standardised per channel over the batch
-        (LiteMedSAM's are small, std ~0.1). Zero without ``distill``."""
-        if self.distill is None or stage is None:
-            return sam.new_zeros(())
+        (LiteMedSAM's are small, std ~0.1)."""
         x = stage.permute(0, 3, 1, 2) if self.channels_last else stage
         pred = self.distill(x).float()
         target = F.adaptive_avg_pool2d(sam.float(), pred.shape[2:])
