@@ -271,3 +271,27 @@ def test_settings_without_effect_do_not_block_reuse():
     assert cmp._same({**stack, "slca_prior_folds": 3}, stack) == ["slca_prior_folds"]
     assert cmp._same(stack, blend) == ["slca_prior_blend"]
     assert set(cmp._same(alone, blend)) == {"slca_prior"}
+
+
+def test_bench_blend_reads_the_blended_runs_curves(toy, tmp_path):
+    import subprocess
+    import sys
+
+    ds, url = toy
+    cc = CompareConfig(store=url, out=str(tmp_path / "cmp"), models=["slca"], fractions=[1.0], seeds=[0],
+                       options=FAST)
+    run_compare(cc, dataset=ds, progress=False)
+    run_out = cmp.run_dir(cc.out, "slca", 1.0, 0)
+    rows = (run_out / "blend.csv").read_text().splitlines()[1:]
+    auc = [float(r.split(",")[3]) for r in rows]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_blend.py"
+    done = subprocess.run([sys.executable, str(script), cc.out, "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout).values()
+    chosen = _metrics(cc.out, "slca", 1.0, 0)["prior_weight"]
+    assert row["runs"] == 1 and row["chosen"] == {f"{chosen:g}": 1}
+    assert row["last_step_max"] == pytest.approx(auc[-1] - auc[-2]) and row["gain_median"] == pytest.approx(
+        max(auc) - auc[0])
+    (tmp_path / "none").mkdir()
+    empty = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
+    assert empty.returncode != 0 and "no blend.csv below it" in empty.stderr
