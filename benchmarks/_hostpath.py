@@ -283,13 +283,12 @@ def projection(f: dict[str, float], plan: str) -> list[tuple[str, float, int, fl
                    f["old: numpy float32->float16 in the writer"] + f["shard write (float16)"]
                    + f["mark_done (serialised)"], 1)]
     else:
-        # zarr runs a write's codec work on its one event-loop thread and only the file I/O
-        # in a thread pool: that share is serialised whatever the writer-thread count
-        io_part = min(f["plain file write of the same bytes"], f["shard write (float16)"])
+        # a local uncompressed shard is written by cache/shardwrite.py in the writer thread
+        # itself (index, crc32c, file I/O), so the whole write is shared by the writer threads;
+        # only zarr's path (lz4, remote stores) encodes on zarr's single event-loop thread
         pools += [("main thread: bookkeeping (copy back and cast: device/DMA)",
                    f["bookkeeping (fill loop, main thread)"], 1),
-                  ("writer threads: shard file I/O", io_part, writers),
-                  ("zarr's event loop: shard encoding (one thread)", f["shard write (float16)"] - io_part, 1),
+                  ("writer threads: shard write (cache/shardwrite.py)", f["shard write (float16)"], writers),
                   ("mark_done, one per shard (no cap: calls that queue are merged)", f["mark_done (serialised)"], 1)]
     total = sum(c for _, c, _ in pools)
     pools.append((f"all {HOST_CORES} cores: the sum of the above", total, HOST_CORES))
