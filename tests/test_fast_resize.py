@@ -2,7 +2,8 @@
 
 The default (``exact``) is PIL's resize, bit for bit (tests/test_encoders.py,
 tests/test_hostpath.py); ``fast`` resizes with torch's antialiased uint8 bilinear kernel:
-within 1 level of PIL's in a small fraction of the values, recorded in the store's
+1 level from PIL's in a small fraction of the values (2 in a handful of a downscaled image's
+values, where both passes round the other way), recorded in the store's
 preprocessing, refused on resume with the other choice, rebuilt by predict, refused by the
 encoders whose reference resize is not PIL's (LiteMedSAM, SAM 2)."""
 from __future__ import annotations
@@ -59,12 +60,14 @@ TALL = [(2001, 333), (2048, 1000, 3)]
 
 @pytest.mark.parametrize("shape", SHAPES + TALL)
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_fast_resize_is_within_one_level_of_pil_in_few_values(shape, dtype):
+def test_fast_resize_is_one_level_from_pil_in_few_values_two_at_most(shape, dtype):
     img = _image(shape, sum(shape), dtype)
     exact, fast = resize_sam_u8(img, 1024, "exact"), resize_sam_u8(img, 1024, "fast")
     assert fast.shape == exact.shape and fast.dtype == np.uint8 and max(fast.shape[:2]) == 1024
     diff = np.abs(fast.astype(np.int16) - exact.astype(np.int16))
-    assert diff.max() <= 1, f"{shape}: max difference {diff.max()}"
+    # each pass's result is within 1 level of PIL's; the second averages the first's, so 2
+    # is possible where both round the other way (real images: ~1e-7 of the values)
+    assert diff.max() <= 2 and (diff == 2).mean() < 1e-5, f"{shape}: max difference {diff.max()}"
     bound = 0.25 if shape in TALL else 0.005
     assert (diff > 0).mean() < bound, f"{shape}: {(diff > 0).mean():.2%} of the values differ"
 

@@ -31,8 +31,9 @@ LITEMEDSAM_PREPROCESSING = {
 #: reference, and every store made before the choice existed); fast: torch's antialiased
 #: bilinear uint8 kernel, several times cheaper on the host (the limit on a GPU). Same filter,
 #: other fixed-point rounding and (for tall images Pillow >= 13 shrinks vertically first)
-#: another pass order: values differ by 1 level at most, in ~0.01-0.3% of them (~20% for
-#: those tall images), so it is a different preprocessing, recorded as such.
+#: another pass order: values differ by 1 level in 0-0.5% of them (~20% for those tall
+#: images; 2 levels in ~1e-7 of a downscaled image's values), so it is a different
+#: preprocessing, recorded as such.
 SAM_RESIZES = {"exact": "longest_side_pil_bilinear", "fast": "longest_side_torch_bilinear_antialias_u8"}
 SAM_PREPROCESSING = {
     "channels": "gray_to_rgb_drop_alpha",

@@ -41,7 +41,7 @@ class ExtractConfig:
     streams: int = 0  # batches encoded at once by as many threads (0: one per core on CPU, 1 on GPU)
     fast: bool = True  # the encoders' fused kernels (SDPA, folded BatchNorm): equal within float16 rounding
     # preprocessing: SAM ViT's resize, exact (PIL, the reference) or fast (torch's uint8 kernel,
-    # within 1 level of PIL's; recorded in the store's preprocessing, so part of its signature)
+    # 1-2 levels from PIL's in a few values; recorded in the store's preprocessing, so part of its signature)
     resize: str = "exact"
     compile: bool = False  # torch.compile the encoder (worth it on GPU for long runs; minutes to compile)
     # reliability
