@@ -7,7 +7,8 @@ with an encoder that returns a fixed embedding at once (or sleeps a given "GPU t
 image first), on real images (../shared/datasets when present, else phantoms), at 1024 px
 (SAM) and 256 px (LiteMedSAM) inputs. Reported:
 
-- per-image core-time of each phase, each timed alone on one thread;
+- per-image core-time of each phase, each timed alone on one thread; at 1024 px also the
+  opt-in ``--resize fast`` (torch's uint8 resize instead of PIL's), side by side;
 - the end-to-end ceiling of the real pipeline on this machine (instant encoder);
 - that ceiling projected to a 16-core host: for each pool of threads (decode workers, the
   loader's pin-memory thread, the main thread, the writer threads, the serialised
@@ -29,6 +30,9 @@ from stages.encoders.base import Encoder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HOST_CORES = 16
+# the phases of the opt-in --resize fast (torch's uint8 resize instead of PIL's), at 1024
+FAST_F32 = "--resize fast: resize+normalise (float32 canvas)"
+FAST_U8 = "--resize fast: resize (uint8 canvas, GPU path)"
 
 
 class NullNet(nn.Module):
@@ -48,19 +52,26 @@ class NullNet(nn.Module):
 
 
 class NullEncoder(Encoder):
-    """The null net with the real preprocessing of SAM (1024) or LiteMedSAM (256)."""
+    """The null net with the real preprocessing of SAM (1024; ``--resize`` as its
+    preprocessing records) or LiteMedSAM (256)."""
+
+    @property
+    def resize(self) -> str:
+        from stages.encoders.preprocess import resize_choice
+
+        return resize_choice(self.preprocessing)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         from stages.encoders.preprocess import prepare_litemedsam, prepare_sam
 
-        return prepare_sam(image, 1024) if self.img_size == 1024 else prepare_litemedsam(image, self.img_size)
+        return prepare_sam(image, 1024, self.resize) if self.img_size == 1024 else prepare_litemedsam(image, self.img_size)
 
     def prepare_host(self):
         from functools import partial
 
         from stages.encoders.preprocess import prepare_sam_u8
 
-        return partial(prepare_sam_u8, size=1024) if self.img_size == 1024 else None
+        return partial(prepare_sam_u8, size=1024, resize=self.resize) if self.img_size == 1024 else None
 
     def finish(self, batch, heights, widths):
         from stages.encoders.preprocess import finish_sam
@@ -68,9 +79,12 @@ class NullEncoder(Encoder):
         return finish_sam(batch, heights, widths, 1024) if batch.dtype == torch.uint8 else batch
 
 
-def null_encoder(size: int, max_batch: int, sleep_s: float = 0.0) -> NullEncoder:
+def null_encoder(size: int, max_batch: int, sleep_s: float = 0.0, resize: str = "exact") -> NullEncoder:
+    from stages.encoders.preprocess import sam_preprocessing
+
+    prep = sam_preprocessing(1024, resize) if size == 1024 else {}
     return NullEncoder(name=f"null{size}", net=NullNet(max_batch, sleep_s), img_size=size, checkpoint_sha256="0" * 64,
-                       checkpoint_path="")
+                       checkpoint_path="", preprocessing=prep)
 
 
 def image_folders(work: Path, n: int) -> dict[str, Path]:
@@ -149,6 +163,9 @@ def phases(work: Path, ds, size: int, batch: int, shard: int) -> dict[str, float
     f["resize+normalise (float32 canvas)"] = _per_image(enc.prepare, raw)
     if size == 1024:
         f["old: resize RGB + arithmetic normalise"] = _per_image(_old_prepare_sam, raw)
+        fast = null_encoder(size, batch, resize="fast")
+        f[FAST_F32] = _per_image(fast.prepare, raw)
+        f[FAST_U8] = _per_image(fast.prepare_host(), raw)
     canv = [enc.prepare(r) for r in raw[:batch]]
     host = enc.prepare_host()
     if host is not None:
@@ -207,14 +224,14 @@ def phases(work: Path, ds, size: int, batch: int, shard: int) -> dict[str, float
 
 
 def end_to_end(work: Path, ds, size: int, batch: int, shard: int, workers: int, sleep_s: float,
-               device: torch.device, writers: int = 0) -> tuple[float, float]:
+               device: torch.device, writers: int = 0, resize: str = "exact") -> tuple[float, float]:
     """(wall seconds, encoder seconds) of the real pipeline (stages.extract.hostpath.run_shards,
     the path extract takes on ``device``) with the null encoder. The sleep blocks the main
     thread (a real GPU forward would return at once and overlap more): conservative."""
     from stages.extract.hostpath import make_loader, prepared, run_shards
     from stages.extract.steps import shard_batches
 
-    enc = null_encoder(size, batch, sleep_s).to(device)
+    enc = null_encoder(size, batch, sleep_s, resize).to(device)
     w = _store(work, f"e2e{size}.zarr", ds, enc, shard)
     with w:
         shards = w.pending()
@@ -242,14 +259,17 @@ def _defaults_on(cores: int) -> tuple[int, int]:
 def projection(f: dict[str, float], plan: str) -> list[tuple[str, float, int, float]]:
     """(pool, core-ms per image, threads on a 16-core GPU host, images/s that pool allows).
     ``plan``: "new" (uint8 canvas where the encoder has one, cast on the device, parallel
-    writers), "new-f32" (the same with the float32 canvas) or "old" (float32 canvas,
-    arithmetic normalise, float32 copied back, numpy cast in one writer thread)."""
+    writers), "new-f32" (the same with the float32 canvas), either with "-fast" (the
+    ``--resize fast`` resize instead of PIL's), or "old" (float32 canvas, arithmetic
+    normalise, float32 copied back, numpy cast in one writer thread)."""
     workers, writers = _defaults_on(HOST_CORES)
+    fast = plan.endswith("-fast")
+    plan = plan.removesuffix("-fast")
     u8 = plan == "new" and "resize (uint8 canvas, GPU path)" in f
     old = plan == "old"
-    prep = (f["resize (uint8 canvas, GPU path)"] if u8 else
+    prep = (f[FAST_U8 if fast else "resize (uint8 canvas, GPU path)"] if u8 else
             f.get("old: resize RGB + arithmetic normalise", f["resize+normalise (float32 canvas)"]) if old else
-            f["resize+normalise (float32 canvas)"])
+            f[FAST_F32 if fast else "resize+normalise (float32 canvas)"])
     collate = f["collate into shared memory (uint8)" if u8 else "collate into shared memory (float32)"]
     if old:
         collate *= 2  # the old collate stacked, then torch copied the batch into shared memory
@@ -263,13 +283,12 @@ def projection(f: dict[str, float], plan: str) -> list[tuple[str, float, int, fl
                    f["old: numpy float32->float16 in the writer"] + f["shard write (float16)"]
                    + f["mark_done (serialised)"], 1)]
     else:
-        # zarr runs a write's codec work on its one event-loop thread and only the file I/O
-        # in a thread pool: that share is serialised whatever the writer-thread count
-        io_part = min(f["plain file write of the same bytes"], f["shard write (float16)"])
+        # a local uncompressed shard is written by cache/shardwrite.py in the writer thread
+        # itself (index, crc32c, file I/O), so the whole write is shared by the writer threads;
+        # only zarr's path (lz4, remote stores) encodes on zarr's single event-loop thread
         pools += [("main thread: bookkeeping (copy back and cast: device/DMA)",
                    f["bookkeeping (fill loop, main thread)"], 1),
-                  ("writer threads: shard file I/O", io_part, writers),
-                  ("zarr's event loop: shard encoding (one thread)", f["shard write (float16)"] - io_part, 1),
+                  ("writer threads: shard write (cache/shardwrite.py)", f["shard write (float16)"], writers),
                   ("mark_done, one per shard (no cap: calls that queue are merged)", f["mark_done (serialised)"], 1)]
     total = sum(c for _, c, _ in pools)
     pools.append((f"all {HOST_CORES} cores: the sum of the above", total, HOST_CORES))
@@ -290,12 +309,18 @@ def bookkeeping(batch: int) -> float:
     return _per_image(one, range(20)) / batch
 
 
+PLANS = {"new": "now: uint8 canvas, normalise + cast on the device, parallel writers",
+         "new-fast": "now with --resize fast (torch's uint8 resize instead of PIL's), uint8 canvas",
+         "new-f32": "now, float32 canvas (as the CPU path prepares)",
+         "new-f32-fast": "now with --resize fast, float32 canvas (as the CPU path prepares)",
+         "old": "before: float32 canvas, float32 copied back, numpy cast in one writer"}
+
+
 def section(b, sizes=(1024, 256)) -> str:
     """Run section 7 for bench_extract's ``Bench`` ``b``; returns its report text."""
-    from benchmarks._util import note, table
+    from benchmarks._util import note
     from stages.common.runtime import tune_allocator
     from stages.datasets import open_dataset
-    from stages.extract.hostpath import decode_workers
 
     tune_allocator()  # extract's process settings: large buffers reuse heap memory
     a, work = b.a, b.work
@@ -307,40 +332,59 @@ def section(b, sizes=(1024, 256)) -> str:
         ds = open_dataset("imagefolder", str(root))
         for size in sizes:
             note(f"7. host path: {kind} at {size}")
-            from stages.extract.steps import torch_threads
+            out += _kind_at_size(b, kind, ds, size, batch, shard)
+    from benchmarks.resize_difference import exact_vs_fast
 
-            with torch_threads(1):  # every phase on this one thread: CPU time = core time
-                f = phases(work, ds, size, batch, shard)
-                f["bookkeeping (fill loop, main thread)"] = bookkeeping(batch)
-            dev = b.device
-            cpu_workers = a.workers if a.workers >= 0 else decode_workers(dev)
-            # CPU: small batches and shards, so that a few dozen images make a pipeline
-            eb, es = (32, 32) if dev.type == "cuda" else (8, 16)
-            wall, _ = end_to_end(work, ds, size, eb, es, cpu_workers, 0.0, dev)
-            ceiling = n / wall
-            # GPU: ViT-B's bf16 time (~1 ms/img at 1024, the issue's bound; 0.25 ms at 256), or
-            # --host-gpu-ms; CPU: 1.5x the host's own time (tests overlap, not capacity)
-            sleep = (a.host_gpu_ms / 1e3 if a.host_gpu_ms else (1e-3 if size == 1024 else 2.5e-4)
-                     if dev.type == "cuda" else 1.5 / ceiling)
-            wall_s, enc_s = end_to_end(work, ds, size, eb, es, cpu_workers, sleep, dev)
-            b.host_e2e[f"{kind} {size}"] = {"ceiling_img_s": ceiling, "sleep_ms_per_img": 1e3 * sleep,
-                                            "wall_over_encoder": wall_s / enc_s, "device": str(dev)}
-            b.host_phases[f"{kind} {size}"] = {k: 1e3 * v for k, v in f.items()}
-            out += [f"### {kind} -> {size} px", table([[k, f"{1e3 * v:.2f}"] for k, v in f.items()],
-                                                      ["phase", "core-ms / image"])]
-            out.append(f"end to end on this machine (real pipeline, instant encoder, {cpu_workers} decode "
-                       f"worker(s), {dev.type} path, batch {eb}, shard {es}): **{ceiling:.1f} img/s**; encoder "
-                       f"sleeping {1e3 * sleep:.2f} ms/img: wall {wall_s:.2f} s / encoder {enc_s:.2f} s = "
-                       f"**{wall_s / enc_s:.2f}x**")
-            plans = [("new", "now: uint8 canvas, normalise + cast on the device, parallel writers"),
-                     ("new-f32", "now, float32 canvas (as the CPU path prepares)"),
-                     ("old", "before: float32 canvas, float32 copied back, numpy cast in one writer")]
-            for plan, label in plans if size == 1024 else [plans[1], plans[2]]:
-                rows = projection(f, plan)
-                cap = min((r for r in rows if "no cap" not in r[0]), key=lambda r: r[3])
-                out += [f"projected to a {HOST_CORES}-core GPU host, {label}:",
-                        table([[r[0], f"{r[1]:.2f}", r[2], f"{r[3]:.0f}"] for r in rows],
-                              ["pool", "core-ms / image", "threads", "img/s it allows"]),
-                        f"ceiling **{cap[3]:.0f} img/s**, set by: {cap[0]}", ""]
-                b.host_ceilings[f"{kind} {size} {plan}"] = cap[3]
-    return "\n".join(out)
+    return "\n".join(out + exact_vs_fast(b))
+
+
+def _kind_at_size(b, kind: str, ds, size: int, batch: int, shard: int) -> list[str]:
+    """Section 7's phases, end-to-end runs and projections for one kind of image at one size."""
+    from benchmarks._util import table
+    from stages.extract.hostpath import decode_workers
+    from stages.extract.steps import torch_threads
+
+    a, work, n = b.a, b.work, len(ds)
+    with torch_threads(1):  # every phase on this one thread: CPU time = core time
+        f = phases(work, ds, size, batch, shard)
+        f["bookkeeping (fill loop, main thread)"] = bookkeeping(batch)
+    dev = b.device
+    cpu_workers = a.workers if a.workers >= 0 else decode_workers(dev)
+    # CPU: small batches and shards, so that a few dozen images make a pipeline
+    eb, es = (32, 32) if dev.type == "cuda" else (8, 16)
+    ceiling = n / end_to_end(work, ds, size, eb, es, cpu_workers, 0.0, dev)[0]
+    # GPU: ViT-B's bf16 time (~1 ms/img at 1024, the issue's bound; 0.25 ms at 256), or
+    # --host-gpu-ms; CPU: 1.5x the host's own time (tests overlap, not capacity)
+    sleep = (a.host_gpu_ms / 1e3 if a.host_gpu_ms else (1e-3 if size == 1024 else 2.5e-4)
+             if dev.type == "cuda" else 1.5 / ceiling)
+    wall_s, enc_s = end_to_end(work, ds, size, eb, es, cpu_workers, sleep, dev)
+    e2e = {"ceiling_img_s": ceiling, "sleep_ms_per_img": 1e3 * sleep, "wall_over_encoder": wall_s / enc_s,
+           "device": str(dev)}
+    if size == 1024:
+        e2e["ceiling_img_s_resize_fast"] = n / end_to_end(work, ds, size, eb, es, cpu_workers, 0.0, dev,
+                                                          resize="fast")[0]
+        from benchmarks.resize_difference import pixel_difference
+
+        e2e["resize_fast_vs_exact"] = pixel_difference(ds, size)
+    b.host_e2e[f"{kind} {size}"] = e2e
+    b.host_phases[f"{kind} {size}"] = {k: 1e3 * v for k, v in f.items()}
+    fast_e2e = ""
+    if size == 1024:
+        d = e2e["resize_fast_vs_exact"]
+        fast_e2e = (f"; with --resize fast: **{e2e['ceiling_img_s_resize_fast']:.1f} img/s** (its resized images "
+                    f"differ from PIL's in {100 * d['fraction_differing']:.4f}% of the values, by at most "
+                    f"{d['max_difference']} level; {d['images_differing']} of {n} images differ at all)")
+    out = [f"### {kind} -> {size} px", table([[k, f"{1e3 * v:.2f}"] for k, v in f.items()],
+                                             ["phase", "core-ms / image"]),
+           f"end to end on this machine (real pipeline, instant encoder, {cpu_workers} decode worker(s), "
+           f"{dev.type} path, batch {eb}, shard {es}): **{ceiling:.1f} img/s**{fast_e2e}; encoder sleeping "
+           f"{1e3 * sleep:.2f} ms/img: wall {wall_s:.2f} s / encoder {enc_s:.2f} s = **{wall_s / enc_s:.2f}x**"]
+    for plan in PLANS if size == 1024 else ("new-f32", "old"):
+        rows = projection(f, plan)
+        cap = min((r for r in rows if "no cap" not in r[0]), key=lambda r: r[3])
+        out += [f"projected to a {HOST_CORES}-core GPU host, {PLANS[plan]}:",
+                table([[r[0], f"{r[1]:.2f}", r[2], f"{r[3]:.0f}"] for r in rows],
+                      ["pool", "core-ms / image", "threads", "img/s it allows"]),
+                f"ceiling **{cap[3]:.0f} img/s**, set by: {cap[0]}", ""]
+        b.host_ceilings[f"{kind} {size} {plan}"] = cap[3]
+    return out

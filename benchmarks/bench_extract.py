@@ -26,7 +26,8 @@ Sections (medians over --repeats; all on the same phantom images, made here):
      (logistic regression on pooled features, 5-fold CV) with each.
   7. the host path with a null encoder (benchmarks/_hostpath.py): per-image core-time of
      each phase at 1024 and 256 px inputs on real images, the real pipeline's ceiling on
-     this machine, and that ceiling projected to a 16-core GPU host.
+     this machine, and that ceiling projected to a 16-core GPU host; at 1024 px the default
+     (PIL) resize and --resize fast (torch's uint8 kernel) side by side.
   8. durability: the store writer with and without fsync (benchmarks/_durability.py),
      per-shard time side by side and the ratio.
 
@@ -126,7 +127,7 @@ class Bench:
         kw = dict(dataset="synthetic", data_root=str(root), out=str(out), encoder=self.encoder_name,
                   checkpoint=self.checkpoint, device=self.a.device, precision=self.a.precision,
                   batch_size=self.a.batch_size, workers=self.a.workers, threads=self.a.threads,
-                  streams=self.a.streams, fast=not self.a.exact, overwrite=True)
+                  streams=self.a.streams, fast=not self.a.exact, resize=self.a.resize, overwrite=True)
         kw.update(over)
         return ExtractConfig(**kw)
 
@@ -533,6 +534,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--streams", type=int, default=0, help="pipeline extract --streams (0: its default)")
     p.add_argument("--exact", action="store_true", help="pipeline extract --exact for every section")
+    p.add_argument("--resize", default="exact", choices=["exact", "fast"],
+                   help="pipeline extract --resize for sections 1-6 (SAM encoders; section 7 always shows both)")
     p.add_argument("--no-compare-fast", dest="compare_fast", action="store_false",
                    help="skip the extra section-1 row with --fast/--exact switched the other way")
     p.add_argument("--naive-only", action="store_true", help=argparse.SUPPRESS)  # naive_fresh's subprocess

@@ -1,6 +1,7 @@
 """The one GPU check (run through benchmarks/gpu_check.sh): CUDA-marked tests, then
 bench_extract.py's sections 1-2 (ViT-B, random weights of the real size, bf16) and 7
-(the host path) on the GPU, all written to one JSON file.
+(the host path, with the default resize and ``--resize fast`` side by side:
+``host_resize_exact_vs_fast``) on the GPU, all written to one JSON file.
 
     bash benchmarks/gpu_check.sh                 # writes $OUT/gpu_check.json, else ./gpu_check.json
 
@@ -81,7 +82,24 @@ def run_bench(args, cuda: bool) -> dict:
         out["host_phases_core_ms"] = b.host_phases
         out["host_projected_ceilings_img_s"] = b.host_ceilings
         out["host_end_to_end"] = b.host_e2e
+        out["host_resize_exact_vs_fast"] = resize_summary(b)
         print(out["report_7"])
+    return out
+
+
+def resize_summary(b) -> dict:
+    """Section 7 at 1024 px, the default resize (PIL) and ``--resize fast`` as [exact, fast]
+    pairs: resize core-ms (uint8 canvas), projected ceiling, end to end on this host."""
+    from benchmarks._hostpath import FAST_U8
+
+    out = {}
+    for key, ph in b.host_phases.items():
+        if FAST_U8 in ph:
+            e = b.host_e2e[key]
+            out[key] = {"resize_core_ms": [ph["resize (uint8 canvas, GPU path)"], ph[FAST_U8]],
+                        "projected_ceiling_img_s": [b.host_ceilings[f"{key} new"], b.host_ceilings[f"{key} new-fast"]],
+                        "end_to_end_img_s": [e["ceiling_img_s"], e["ceiling_img_s_resize_fast"]],
+                        "pixels_fast_vs_exact": e["resize_fast_vs_exact"]}
     return out
 
 

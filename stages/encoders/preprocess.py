@@ -7,10 +7,12 @@ Channels, for every encoder: (H,W) and (H,W,1) are grayscale and repeated to RGB
 from __future__ import annotations
 
 import functools
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
+from torch.nn import functional as F
 
 from stages.encoders.resize import longest_side_shape, resize_area
 
@@ -24,16 +26,44 @@ LITEMEDSAM_PREPROCESSING = {
     "normalize": "minmax",
     "pad": "bottom_right_zero",
 }
+#: ``--resize`` of the SAM ViT encoders -> the ``resize`` their preprocessing records. exact:
+#: ``ResizeLongestSide.apply_image``, PIL's antialiased bilinear in 8-bit fixed point (the
+#: reference, and every store made before the choice existed); fast: torch's antialiased
+#: bilinear uint8 kernel, several times cheaper on the host (the limit on a GPU). Same filter,
+#: other fixed-point rounding and (for tall images Pillow >= 13 shrinks vertically first)
+#: another pass order: values differ by 1 level in 0-0.5% of them (~20% for those tall
+#: images; 2 levels in ~1e-7 of a downscaled image's values), so it is a different
+#: preprocessing, recorded as such.
+SAM_RESIZES = {"exact": "longest_side_pil_bilinear", "fast": "longest_side_torch_bilinear_antialias_u8"}
 SAM_PREPROCESSING = {
     "channels": "gray_to_rgb_drop_alpha",
     "to_uint8": "minmax_round_unless_uint8",
-    "resize": "longest_side_pil_bilinear",
+    "resize": SAM_RESIZES["exact"],
     "target": 1024,
     "normalize": "mean_std",
     "pixel_mean": SAM_PIXEL_MEAN,
     "pixel_std": SAM_PIXEL_STD,
     "pad": "bottom_right_zero",
 }
+
+
+def check_resize(resize: str) -> str:
+    """``resize`` if it is a ``--resize`` choice, else ValueError naming the choices."""
+    if resize not in SAM_RESIZES:
+        raise ValueError(f"--resize {resize!r}: unknown; use exact (the reference's PIL resize, the default) or fast "
+                         "(torch's uint8 kernel, SAM ViT encoders only)")
+    return resize
+
+
+def resize_choice(preprocessing: Mapping[str, Any] | None) -> str:
+    """The ``--resize`` a recorded preprocessing was made with: fast only where it names
+    torch's kernel; exact for every other (LiteMedSAM, SAM 2, stores made before)."""
+    return "fast" if (preprocessing or {}).get("resize") == SAM_RESIZES["fast"] else "exact"
+
+
+def sam_preprocessing(size: int = 1024, resize: str = "exact") -> dict[str, Any]:
+    """The preprocessing a SAM ViT encoder of input ``size`` records (with ``resize``)."""
+    return dict(SAM_PREPROCESSING, target=size, resize=SAM_RESIZES[check_resize(resize)])
 
 
 def gray_or_rgb(image: np.ndarray) -> np.ndarray:
@@ -117,34 +147,52 @@ _STD = np.array(SAM_PIXEL_STD, np.float32)
 _SAM_LUT = (np.arange(256, dtype=np.float32)[None, :] - _MEAN[:, None]) / _STD[:, None]  # (3,256)
 
 
-def resize_sam_u8(image: np.ndarray, size: int = 1024) -> np.ndarray:
+def resize_u8_torch(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 (h,w) or (h,w,3) -> (shape[0],shape[1][,3]) uint8 by torch's antialiased
+    bilinear uint8 kernel (fixed point, AVX2 on x86; horizontal pass first): PIL's filter,
+    not quite PIL's rounding (see ``SAM_RESIZES``)."""
+    if not a.flags.writeable:  # torch warns on read-only arrays (decoded images are writable)
+        a = a.copy()
+    t = torch.from_numpy(a)
+    # HWC viewed as a channels-last (1,3,h,w): the layout the uint8 kernel works in, no copy
+    x = t[None, None] if a.ndim == 2 else t.permute(2, 0, 1)[None]
+    y = F.interpolate(x, size=tuple(shape), mode="bilinear", antialias=True, align_corners=False)
+    return y[0, 0].numpy() if a.ndim == 2 else y[0].permute(1, 2, 0).numpy()
+
+
+def resize_sam_u8(image: np.ndarray, size: int = 1024, resize: str = "exact") -> np.ndarray:
     """(H,W[,C]) any dtype -> the uint8 (h,w) or (h,w,3) image ``SamPredictor.set_image``
-    feeds its normaliser: min-max to 0..255 unless uint8, ``ResizeLongestSide(size)``.
+    feeds its normaliser: min-max to 0..255 unless uint8, ``ResizeLongestSide(size)``
+    (``resize`` fast: the same shape by ``resize_u8_torch`` instead of PIL).
     Grayscale, and RGB whose three channels are equal (gray stored as RGB, common for
-    X-rays), is resized as one channel: PIL resizes channels independently, so this is the
-    RGB result's every channel, bit for bit, at a third of the cost."""
+    X-rays), is resized as one channel: PIL and torch resize channels independently, so
+    this is the RGB result's every channel, bit for bit, at a third of the cost."""
     a = to_uint8_minmax(gray_or_rgb(image))
     if a.ndim == 3 and (a[:, :, 0] == a[:, :, 1]).all() and (a[:, :, 0] == a[:, :, 2]).all():
         a = a[:, :, 0]
+    if check_resize(resize) == "fast":
+        return resize_u8_torch(a, ResizeLongestSide.get_preprocess_shape(a.shape[0], a.shape[1], size))
     return ResizeLongestSide(size).apply_image(a)
 
 
-def prepare_sam(image: np.ndarray, size: int = 1024) -> torch.Tensor:
+def prepare_sam(image: np.ndarray, size: int = 1024, resize: str = "exact") -> torch.Tensor:
     """(H,W[,C]) any dtype -> (3,size,size) float32, exactly as ``SamPredictor.set_image``:
     uint8 RGB (other dtypes: min-max to 0..255 and rounded), ``ResizeLongestSide(size)``
-    (PIL bilinear), ``(x - pixel_mean) / pixel_std``, zero padding at the bottom/right."""
-    r = resize_sam_u8(image, size)
+    (PIL bilinear; ``resize`` fast: torch's kernel), ``(x - pixel_mean) / pixel_std``, zero
+    padding at the bottom/right."""
+    r = resize_sam_u8(image, size, resize)
     out = np.zeros((3, size, size), np.float32)
     for c in range(3):
         np.take(_SAM_LUT[c], r if r.ndim == 2 else r[:, :, c], out=out[c, : r.shape[0], : r.shape[1]])
     return torch.from_numpy(out)
 
 
-def prepare_sam_u8(image: np.ndarray, size: int = 1024) -> torch.Tensor:
+def prepare_sam_u8(image: np.ndarray, size: int = 1024, resize: str = "exact") -> torch.Tensor:
     """The host half of ``prepare_sam`` for a GPU: the resized uint8 image on a zero
     (3,size,size) uint8 canvas (a quarter of the float32 bytes to move and pin);
-    ``finish_sam`` normalises it on the device to exactly ``prepare_sam``'s values."""
-    r = resize_sam_u8(image, size)
+    ``finish_sam`` normalises it on the device to exactly ``prepare_sam``'s values (of the
+    same ``resize``)."""
+    r = resize_sam_u8(image, size, resize)
     out = np.zeros((3, size, size), np.uint8)
     out[:, : r.shape[0], : r.shape[1]] = r if r.ndim == 2 else r.transpose(2, 0, 1)
     return torch.from_numpy(out)

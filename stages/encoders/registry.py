@@ -1,5 +1,5 @@
 """The encoder registry (like segment-anything's ``sam_model_registry``): name -> builder
-``(checkpoint=None, device="cpu", fast=False) -> Encoder``.
+``(checkpoint=None, device="cpu", fast=False, resize="exact") -> Encoder``.
 
 Imports no encoder implementation: ``litemedsam.py``, ``sam.py`` and ``sam2.py`` register
 their builders here with ``@register_encoder(...)`` and ``stages/encoders/__init__.py``
@@ -28,8 +28,10 @@ def list_encoders(pattern: str = "*") -> list[str]:
 
 
 def build_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                  fast: bool = False) -> Encoder:
+                  fast: bool = False, resize: str = "exact") -> Encoder:
     """A frozen, eval-mode encoder on ``device``. ``fast`` switches to fused attention
-    kernels (results within float16 rounding of the default, not bit-identical).
+    kernels (results within float16 rounding of the default, not bit-identical);
+    ``resize`` "fast" (SAM ViT encoders only; others refuse it) resizes with torch's uint8
+    kernel instead of the reference's PIL, a different preprocessing, recorded as such.
     Raises EncoderError listing the choices for an unknown ``name``."""
-    return ENCODERS.create(name, checkpoint=checkpoint, device=device, fast=fast)
+    return ENCODERS.create(name, checkpoint=checkpoint, device=device, fast=fast, resize=resize)

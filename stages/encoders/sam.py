@@ -30,10 +30,12 @@ from stages.encoders.checkpoints import (
     sub_state,
 )
 from stages.encoders.preprocess import (
-    SAM_PREPROCESSING,
+    check_resize,
     finish_sam,
     prepare_sam,
     prepare_sam_u8,
+    resize_choice,
+    sam_preprocessing,
 )
 from stages.encoders.registry import register_encoder
 
@@ -119,17 +121,23 @@ def build_vit(arch: SamArch) -> ImageEncoderViT:
 class SamEncoder(Encoder):
     """A frozen SAM ViT image encoder; input (B,3,1024,1024) preprocessed by ``prepare``."""
 
+    @property
+    def resize(self) -> str:
+        """``--resize`` exact (PIL, the reference) or fast (torch's uint8 kernel), read off
+        the recorded preprocessing, so that what runs is always what the store records."""
+        return resize_choice(self.preprocessing)
+
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """(H,W[,C]) any dtype -> (3,1024,1024) float32, as ``SamPredictor.set_image``.
         Non-uint8 pixels (16-bit, float, ...) are first min-max scaled to 0..255 over the
         image and rounded to uint8, since SAM is defined on uint8 RGB."""
-        return prepare_sam(image, self.img_size)
+        return prepare_sam(image, self.img_size, self.resize)
 
     def preprocessor(self) -> Callable[[np.ndarray], torch.Tensor]:
-        return partial(prepare_sam, size=self.img_size)
+        return partial(prepare_sam, size=self.img_size, resize=self.resize)
 
     def prepare_host(self) -> Callable[[np.ndarray], torch.Tensor] | None:
-        return partial(prepare_sam_u8, size=self.img_size)
+        return partial(prepare_sam_u8, size=self.img_size, resize=self.resize)
 
     def finish(self, batch: torch.Tensor, heights, widths) -> torch.Tensor:
         return finish_sam(batch, heights, widths, self.img_size) if batch.dtype == torch.uint8 else batch
@@ -146,10 +154,12 @@ def _missing(name: str, path: Path | None) -> EncoderError:
 
 
 def build_sam_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                      fast: bool = False) -> SamEncoder:
+                      fast: bool = False, resize: str = "exact") -> SamEncoder:
     """``name`` in vit_b/vit_l/vit_h (the checkpoint must have that architecture) or ``sam``
     (any SAM ViT). A checkpoint that is not the official file is accepted as fine-tuned;
-    the sha256 recorded is always the file's own."""
+    the sha256 recorded is always the file's own. ``resize``: exact (PIL, the reference)
+    or fast (torch's uint8 kernel; recorded in the preprocessing)."""
+    check_resize(resize)
     if checkpoint is None:
         if name not in OFFICIAL or not (DEFAULT_CHECKPOINT_DIR / OFFICIAL[name][2]).is_file():
             raise _missing(name, None)
@@ -175,30 +185,30 @@ def build_sam_encoder(name: str, checkpoint: str | Path | None = None, device: s
         speed_up(net)
     info = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(arch).items()}
     enc = SamEncoder(name=name, net=net, img_size=arch.img_size, checkpoint_sha256=file_sha256(path),
-                     checkpoint_path=str(path.resolve()), preprocessing=dict(SAM_PREPROCESSING, target=arch.img_size),
+                     checkpoint_path=str(path.resolve()), preprocessing=sam_preprocessing(arch.img_size, resize),
                      arch=info, fast=fast)
     return enc.to(device)
 
 
 @register_encoder("vit_b")
 def build_vit_b(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                fast: bool = False) -> SamEncoder:
-    return build_sam_encoder("vit_b", checkpoint, device, fast)
+                fast: bool = False, resize: str = "exact") -> SamEncoder:
+    return build_sam_encoder("vit_b", checkpoint, device, fast, resize)
 
 
 @register_encoder("vit_l")
 def build_vit_l(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                fast: bool = False) -> SamEncoder:
-    return build_sam_encoder("vit_l", checkpoint, device, fast)
+                fast: bool = False, resize: str = "exact") -> SamEncoder:
+    return build_sam_encoder("vit_l", checkpoint, device, fast, resize)
 
 
 @register_encoder("vit_h")
 def build_vit_h(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                fast: bool = False) -> SamEncoder:
-    return build_sam_encoder("vit_h", checkpoint, device, fast)
+                fast: bool = False, resize: str = "exact") -> SamEncoder:
+    return build_sam_encoder("vit_h", checkpoint, device, fast, resize)
 
 
 @register_encoder("sam")
 def build_sam(checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-              fast: bool = False) -> SamEncoder:
-    return build_sam_encoder("sam", checkpoint, device, fast)
+              fast: bool = False, resize: str = "exact") -> SamEncoder:
+    return build_sam_encoder("sam", checkpoint, device, fast, resize)

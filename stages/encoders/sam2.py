@@ -31,6 +31,7 @@ from torch import nn
 
 from stages.encoders.base import EMBED_SHAPE, Encoder, EncoderError
 from stages.encoders.checkpoints import OFFICIAL, file_sha256, load_state_dict
+from stages.encoders.preprocess import check_resize
 from stages.encoders.preprocess_sam2 import SAM2_PREPROCESSING, prepare_sam2
 from stages.encoders.registry import register_encoder
 
@@ -145,11 +146,16 @@ def _build_model(config: str, overrides: list[str], path: Path) -> nn.Module:
 
 
 def build_sam2_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                       fast: bool = False) -> Sam2Encoder:
+                       fast: bool = False, resize: str = "exact") -> Sam2Encoder:
     """``name`` in ``SAM2_SIZES``. ``fast`` changes nothing: Hiera already runs PyTorch's
-    fused SDPA attention. The sha256 recorded is always the file's own."""
+    fused SDPA attention. ``resize`` must be exact: SAM 2's reference resize already is
+    torch's antialiased bilinear (on float32), there is no PIL resize to replace. The
+    sha256 recorded is always the file's own."""
     if name not in SAM2_SIZES:
         raise EncoderError(f"unknown SAM 2 encoder {name!r}; choose one of: {', '.join(SAM2_SIZES)}")
+    if check_resize(resize) != "exact":
+        raise EncoderError(f"encoder {name!r}: --resize fast applies to the SAM ViT encoders (vit_b, vit_l, vit_h, "
+                           "sam) only; SAM 2's reference resize already is torch's bilinear, drop --resize fast")
     path, state = _read(name, checkpoint)
     config, overrides = _config_and_overrides(name, path, state)
     model = _build_model(config, overrides, path)
@@ -178,7 +184,7 @@ def build_sam2_encoder(name: str, checkpoint: str | Path | None = None, device: 
 
 
 def sam2_builders() -> dict[str, Callable[..., Encoder]]:
-    """Registry entries ``name -> builder(checkpoint=None, device="cpu", fast=False)``."""
+    """Registry entries ``name -> builder(checkpoint=None, device="cpu", fast=False, resize="exact")``."""
     return {name: partial(build_sam2_encoder, name) for name in SAM2_SIZES}
 
 

@@ -40,6 +40,9 @@ class ExtractConfig:
     dask_workers: int = 0  # > 0: run on a local dask cluster of this many worker processes
     streams: int = 0  # batches encoded at once by as many threads (0: one per core on CPU, 1 on GPU)
     fast: bool = True  # the encoders' fused kernels (SDPA, folded BatchNorm): equal within float16 rounding
+    # preprocessing: SAM ViT's resize, exact (PIL, the reference) or fast (torch's uint8 kernel,
+    # 1-2 levels from PIL's in a few values; recorded in the store's preprocessing, so part of its signature)
+    resize: str = "exact"
     compile: bool = False  # torch.compile the encoder (worth it on GPU for long runs; minutes to compile)
     # reliability
     refresh_changed: bool = False  # re-encode the shards of samples whose image changed, instead of refusing

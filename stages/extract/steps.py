@@ -49,7 +49,7 @@ def shard_batches(shards: Sequence[tuple[int, int]], batch_size: int) -> list[li
 def make_encoder(cfg: ExtractConfig, device: torch.device | str, batch_size: int = 1) -> Encoder:
     """The encoder ``cfg`` asks for (the single-process and the dask paths build it alike);
     with ``cfg.compile`` its net is compiled for batches of ``batch_size``."""
-    encoder = build_encoder(cfg.encoder, cfg.checkpoint, device=device, fast=cfg.fast)
+    encoder = build_encoder(cfg.encoder, cfg.checkpoint, device=device, fast=cfg.fast, resize=cfg.resize)
     if cfg.compile:
         from stages.encoders.fast import CompiledNet
 
