@@ -79,7 +79,7 @@ def train(
     label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient norm clip (0: off)."),
     precise_bn: int = typer.Option(2048, "--precise-bn", help="Before each validation, re-estimate BatchNorm statistics on up to this many training samples (0: off; matters with few labels)."),
-    augment: str = typer.Option("flip", "--augment", help="Comma list: none, flip, rot (flips + 90-degree turns; image and SAM grid alike), photometric (image only)."),
+    augment: str = typer.Option("flip", "--augment", help="Comma (or +) list: none, flip, rot (flips and 90-degree turns; image and SAM grid alike), photometric (image only)."),
     train_fraction: float = typer.Option(1.0, "--train-fraction", help="Stratified, seeded fraction of the training split (data-efficiency studies)."),
     seed: Annotated[int, opt.seed("Seed of initialisation, order, augmentation and --train-fraction.")] = 0,
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the split for datasets without official splits."),

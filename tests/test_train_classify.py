@@ -18,7 +18,7 @@ from cache import FeatureStore, SignatureMismatchError, StoreError
 from stages.classify.train import ClassifyConfig, train_classifier
 from stages.common.training import TrainingError
 from stages.classify import train as classify_mod
-from stages.classify.augment import augment
+from stages.classify.augment import augment, parse_augment
 from stages.classify.data import ShardBatchSampler, auto_img_size, prepare_image
 from stages.classify.metrics import classification_metrics
 from stages.common.joined import open_joined
@@ -203,6 +203,14 @@ def test_augmentation_moves_image_and_sam_grid_together():
     torch.testing.assert_close(img2[:, :1], sam2[:, :1])
     img3, sam3 = augment(image, sam, ("photometric",), gen)
     assert torch.equal(sam3, sam) and not torch.equal(img3, image)
+
+
+def test_augment_lists_take_commas_or_plus_signs():
+    # "+" lets a `pipeline compare` variant (slca/augment=flip+photometric) hold a list
+    assert parse_augment("flip+photometric") == parse_augment("flip, photometric") == ("flip", "photometric")
+    assert parse_augment("none") == parse_augment("") == ()
+    with pytest.raises(ValueError, match="unknown --augment blur"):
+        parse_augment("flip+blur")
 
 
 def test_prepare_image_pads_like_the_encoder():

@@ -13,8 +13,10 @@ AUGMENTS = ("none", "flip", "rot", "photometric")
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
-    """``"flip,photometric"`` -> ("flip", "photometric"); refuses unknown names."""
-    parts = tuple(p.strip() for p in spec.split(",") if p.strip()) or ("none",)
+    """``"flip,photometric"`` (or ``"flip+photometric"``, the spelling a ``pipeline compare``
+    model variant can hold, whose list is comma-separated) -> ("flip", "photometric");
+    refuses unknown names."""
+    parts = tuple(p.strip() for p in spec.replace("+", ",").split(",") if p.strip()) or ("none",)
     bad = [p for p in parts if p not in AUGMENTS]
     if bad:
         raise ValueError(f"unknown --augment {', '.join(bad)}; use a comma list of {', '.join(AUGMENTS)}")
