@@ -199,4 +199,13 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(png_run, tmp_path):
     torch.save(saved, tmp_path / "tampered.pt")
     r = predict_cli(str(tmp_path / "tampered.pt"), str(img), "--out", str(out))
     assert r.exit_code == 2 and "differs from the one the model's store was made with" in r.stderr
+    assert "(checkpoint_sha256); pass --checkpoint" in r.stderr
+    # the same weights preprocessed otherwise: no checkpoint would help, so none is asked for
+    saved = torch.load(model, weights_only=True)
+    sig = saved["store"]["signature"]
+    saved["store"]["signature"] = {**sig, "preprocessing": {**sig["preprocessing"], "pad": "center"}}
+    torch.save(saved, tmp_path / "tampered.pt")
+    r = predict_cli(str(tmp_path / "tampered.pt"), str(img), "--out", str(out))
+    assert r.exit_code == 2 and "(preprocessing); this installation preprocesses differently" in r.stderr
+    assert "--checkpoint" not in r.stderr and r.stderr.strip().count("\n") == 0
     assert not out.exists()

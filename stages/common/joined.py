@@ -151,7 +151,12 @@ def store_encoder(record: Mapping[str, Any], device: Any, checkpoint: str | None
     have, want = enc.signature(), record["signature"]
     diff = [k for k in ENCODER_KEYS if have.get(k) != want.get(k)]
     if diff:
+        # other weights are the user's to point at; other preprocessing (or input size) with
+        # the same weights means this installation's code differs from the one that made the store
+        fix = ("pass --checkpoint with the training encoder's weights" if "checkpoint_sha256" in diff else
+               "this installation preprocesses differently from the one that made the store; predict with that "
+               "version, or re-extract the store and retrain")
         raise SignatureMismatchError(
             f"encoder {record['encoder']!r} ({path or 'default weights'}) differs from the one the model's store was "
-            f"made with ({', '.join(diff)}); pass --checkpoint with the training encoder's weights")
+            f"made with ({', '.join(diff)}); {fix}")
     return enc
