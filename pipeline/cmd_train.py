@@ -65,7 +65,7 @@ def train(
     slca_prior_folds: int = typer.Option(5, "--slca-prior-folds", help="slca prior, with --no-slca-prior-blend: train on the probe's out-of-fold logits from this many stratified folds (0: its in-sample logits)."),
     slca_prior_blend: bool = typer.Option(True, "--slca-prior-blend/--no-slca-prior-blend", help="slca prior: train the network without it, then add the prior's logits at the weight (0-2) best on validation AUC (late fusion); --no-slca-prior-blend stacks on its out-of-fold logits instead."),
     slca_distill: float = typer.Option(0.0, "--slca-distill", help="slca: weight of an auxiliary loss in which the last SLCA stage predicts the cached SAM features (0: off)."),
-    slca_branch_sup: float = typer.Option(0.0, "--slca-branch-sup", help="slca: weight of a second loss on the sam-head branch's own logits (deep supervision; 0: off)."),
+    slca_branch_sup: float = typer.Option(1.0, "--slca-branch-sup", help="slca: weight of a second cross-entropy on the sam-head branch's own logits, so the branch also classifies alone (deep supervision; 0: off)."),
     slca_lr_mult: float = typer.Option(1.0, "--slca-lr-mult", help="slca: learning-rate factor of the SLCA blocks."),
     sam_head_width: int = typer.Option(64, "--sam-head-width", help="Width of the sam-head CNN."),
     drop_rate: float = typer.Option(0.0, "--drop-rate", help="Dropout before the classifier (sam-head: 0 means 0.1)."),

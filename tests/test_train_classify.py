@@ -462,9 +462,10 @@ def test_slca_distill_adds_its_auxiliary_loss_to_training(toy, tmp_path):
 
 def test_slca_branch_sup_adds_the_branch_loss_to_training(toy, tmp_path):
     ds, url = toy
-    plain = _cfg(url, tmp_path / "plain", model="slca", epochs=1, slca_prior=False)
+    plain = _cfg(url, tmp_path / "plain", model="slca", epochs=1, slca_prior=False, slca_branch_sup=0.0)
     train_classifier(plain, dataset=ds, progress=False)
     sup = dataclasses.replace(plain, out=str(tmp_path / "sup"), slca_branch_sup=1.0)
+    assert ClassifyConfig(store="s", out="o").slca_branch_sup == 1.0  # the default
     train_classifier(sup, dataset=ds, progress=False)
     loss = {k: float(_csv(tmp_path / k / "history.csv")[0]["train_loss"]) for k in ("plain", "sup")}
     # a second cross-entropy of order log(K) on top of the first, from the same start

@@ -32,8 +32,9 @@ class ClassifyConfig:
     slca_gate: str = "residual"
     slca_fuse: bool = False
     # the measured defaults (README, Benchmarks): SAM channels standardised before the
-    # bottleneck, plus the sam-head branch, plus the probe as a frozen prior blended in after
-    # training (validation AUC over three sets); all False is the SLCA of the first release
+    # bottleneck, plus the sam-head branch trained to classify on its own too, plus the probe
+    # as a frozen prior blended in after training (validation AUC over three sets); all
+    # False / 0 is the SLCA of the first release
     slca_norm: bool = True
     slca_branch: bool = True
     slca_spatial: bool = False
@@ -44,7 +45,7 @@ class ClassifyConfig:
     # stacking on its out-of-fold logits); without the prior there is nothing to blend
     slca_prior_blend: bool = True
     slca_distill: float = 0.0
-    slca_branch_sup: float = 0.0
+    slca_branch_sup: float = 1.0
     slca_lr_mult: float = 1.0
     head_width: int = 64
     drop_rate: float = 0.0
