@@ -158,6 +158,8 @@ def test_variants_and_settings_are_parsed_against_the_training_config():
     assert parse_variant("backbone/lr=0.01/img=48/label-smoothing=0.1") == (
         "backbone", {"lr": 0.01, "img_size": 48, "label_smoothing": 0.1})
     assert cmp.run_name("slca/window=0") == "slca+window=0"
+    assert parse_variant("slca/augment=flip+photometric/branch_sup=0") == (
+        "slca", {"augment": "flip+photometric", "slca_branch_sup": 0.0})
     with pytest.raises(ValueError, match=r"--models 'slca/windw=0': unknown setting 'windw'"):
         parse_variant("slca/windw=0")
     with pytest.raises(ValueError, match=r"slca_window='x' is not int"):
