@@ -73,13 +73,25 @@ def make_subset(src: Path, dst: Path, per_class: dict[str, int], test_limit: int
 def run_models(args, store: str, out: Path) -> dict:
     """Every model x fraction x seed through ``pipeline compare``'s implementation (finished
     runs in ``out`` reused, an interrupted one resumed)."""
-    from stages.classify.compare import CompareConfig, run_compare
+    from stages.classify.compare import run_compare
+
+    return run_compare(compare_config(args, store, out), progress=True)
+
+
+def compare_config(args, store: str, out: Path):
+    """The ``pipeline compare`` configuration of this benchmark's arguments (``--set`` pairs
+    go to every run, as they do in ``pipeline compare``)."""
+    from stages.classify.compare import CompareConfig
 
     options = dict(backbone=args.backbone, img_size=args.img_size, epochs=args.epochs, patience=args.patience,
                    batch_size=args.batch_size, in_memory=args.in_memory)
-    cc = CompareConfig(store=store, out=str(out), models=args.models, fractions=args.fractions, seeds=args.seeds,
-                       options=options, overwrite=args.overwrite)
-    return run_compare(cc, progress=True)
+    for pair in args.settings:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            sys.exit(f"error: --set {pair!r}: expected KEY=VALUE (a `pipeline train` option name with underscores)")
+        options[key.strip().replace("-", "_")] = value
+    return CompareConfig(store=store, out=str(out), models=args.models, fractions=args.fractions, seeds=args.seeds,
+                         options=options, overwrite=args.overwrite)
 
 
 def time_epochs(args, store: str) -> dict:
@@ -143,6 +155,9 @@ def main() -> None:
     p.add_argument("--models", type=lambda s: s.split(","), default=["backbone", "slca", "probe"],
                    help="comma list of backbone, slca, probe, sam-head; variants as slca/gate=mul/window=0/stages=last2")
     p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other `pipeline train` setting for every run, as `pipeline compare --set` "
+                        "(e.g. slca_branch_sup=0, which the rounds before that option ran with)")
     p.add_argument("--img-size", type=int, default=64, help="backbone input side (28px images are upsampled)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=10)

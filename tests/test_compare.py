@@ -297,3 +297,24 @@ def test_bench_blend_reads_the_blended_runs_curves(toy, tmp_path):
     (tmp_path / "none").mkdir()
     empty = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
     assert empty.returncode != 0 and "no blend.csv below it" in empty.stderr
+
+
+def test_bench_classify_passes_its_set_pairs_to_every_run(toy, tmp_path):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_classify", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_classify.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ds, url = toy
+    args = argparse.Namespace(backbone="resnet10t", img_size=32, epochs=1, patience=0, batch_size=8, in_memory=False,
+                              models=["slca"], fractions=[1.0], seeds=[0], overwrite=False,
+                              settings=["slca_branch_sup=0", "precise-bn=0", "workers=0"])
+    cc = bench.compare_config(args, url, tmp_path / "cmp")
+    run_compare(cc, dataset=ds, progress=False)
+    cfg = json.loads((cmp.run_dir(cc.out, "slca", 1.0, 0) / "config.json").read_text())
+    assert (cfg["slca_branch_sup"], cfg["precise_bn"], cfg["workers"]) == (0.0, 0, 0)
+    with pytest.raises(SystemExit, match="--set 'slca_branch_sup': expected KEY=VALUE"):
+        bench.compare_config(argparse.Namespace(**{**vars(args), "settings": ["slca_branch_sup"]}), url, tmp_path)
+
