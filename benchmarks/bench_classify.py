@@ -81,15 +81,14 @@ def run_models(args, store: str, out: Path) -> dict:
 def compare_config(args, store: str, out: Path):
     """The ``pipeline compare`` configuration of this benchmark's arguments (``--set`` pairs
     go to every run, as they do in ``pipeline compare``)."""
-    from stages.classify.compare import CompareConfig
+    from stages.classify.compare import CompareConfig, parse_settings
 
     options = dict(backbone=args.backbone, img_size=args.img_size, epochs=args.epochs, patience=args.patience,
                    batch_size=args.batch_size, in_memory=args.in_memory)
-    for pair in args.settings:
-        key, eq, value = pair.partition("=")
-        if not eq:
-            sys.exit(f"error: --set {pair!r}: expected KEY=VALUE (a `pipeline train` option name with underscores)")
-        options[key.strip().replace("-", "_")] = value
+    try:
+        options.update(parse_settings(args.settings))
+    except ValueError as e:
+        sys.exit(f"error: {e} (a `pipeline train` option name with underscores)")
     return CompareConfig(store=store, out=str(out), models=args.models, fractions=args.fractions, seeds=args.seeds,
                          options=options, overwrite=args.overwrite)
 

@@ -19,12 +19,9 @@ def _split(text: str, kind: type, flag: str) -> list:
 
 def _settings(settings: list[str] | None, option: list[str] | None, given: dict, plots: bool) -> dict:
     """``--set KEY=VALUE`` pairs, then the explicit options that were given (they win)."""
-    opts: dict = {}
-    for pair in settings or []:
-        if "=" not in pair:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
-        key, value = pair.split("=", 1)
-        opts[key.strip().replace("-", "_")] = value
+    from stages.classify.compare import parse_settings
+
+    opts: dict = parse_settings(settings or [])
     opts.update({k: v for k, v in given.items() if v is not None})
     if option:
         opts["dataset_options"] = opt.parse_options(option, "--option")

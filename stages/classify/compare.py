@@ -117,6 +117,19 @@ def coerce(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def parse_settings(pairs: Sequence[str]) -> dict[str, str]:
+    """``--set`` pairs, ``["label-smoothing=0.1", "augment=flip,rot"]`` -> {"label_smoothing":
+    "0.1", "augment": "flip,rot"}: option names in underscores, values still text (coerced
+    per run by ``build_runs``)."""
+    opts: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        opts[key.strip().replace("-", "_")] = value
+    return opts
+
+
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """``slca/gate=mul/window=0`` -> ("slca", {"slca_gate": "mul", "slca_window": 0})."""
     model, *opts = spec.strip().split("/")
