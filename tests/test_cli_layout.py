@@ -123,3 +123,34 @@ def test_every_train_option_reaches_the_config_of_its_tasks() -> None:
             assert field in classify, f"--{name} is not a ClassifyConfig field ({field})"
         if name not in cmd_train.CLASSIFY_ONLY:
             assert field in segment, f"--{name} is not a SegmentConfig field ({field})"
+
+
+def test_train_help_shows_the_defaults_the_configs_use() -> None:
+    """Only the options given reach the config (its own defaults fill the rest), so a default
+    written in both places must agree there, or --help would state a value no run uses.
+    A None in --help stands for a per-task default (e.g. --epochs); it is stated in words."""
+    import dataclasses
+
+    import typer.main
+
+    from pipeline import cmd_train
+    from stages.classify.config import ClassifyConfig
+    from stages.segment.config import SegmentConfig
+
+    configs = {"classify": ClassifyConfig, "segment": SegmentConfig}
+    defaults = {task: {f.name: f.default for f in dataclasses.fields(c) if f.default is not dataclasses.MISSING}
+                for task, c in configs.items()}
+    checked = 0
+    for p in typer.main.get_command(app).commands["train"].params:
+        if p.name in ("task", "quiet", "ctx") or p.default is None:
+            continue
+        field = cmd_train.RENAMED.get(p.name, p.name)
+        tasks = ["classify"] if p.name in cmd_train.CLASSIFY_ONLY else \
+            ["segment"] if p.name in cmd_train.SEGMENT_ONLY else ["classify", "segment"]
+        for task in tasks:
+            if field in defaults[task]:
+                want = defaults[task][field]
+                assert p.default == want, f"--{p.name.replace('_', '-')}: --help says {p.default!r}, " \
+                                          f"{configs[task].__name__} uses {want!r}"
+                checked += 1
+    assert checked >= 40
