@@ -113,19 +113,6 @@ def image_folders(work: Path, n: int) -> dict[str, Path]:
     return out
 
 
-def _old_prepare_sam(image: np.ndarray, size: int = 1024) -> np.ndarray:
-    """prepare_sam before this round: RGB resize, float32 arithmetic (same values)."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    from stages.encoders.preprocess import _MEAN, _STD, to_rgb, to_uint8_minmax
-
-    r = ResizeLongestSide(size).apply_image(to_uint8_minmax(to_rgb(image)))
-    x = (r.astype(np.float32) - _MEAN) / _STD
-    out = np.zeros((3, size, size), np.float32)
-    out[:, : x.shape[0], : x.shape[1]] = x.transpose(2, 0, 1)
-    return out
-
-
 def _per_image(fn, items, repeats: int = 1) -> float:
     """Median CPU seconds of ``fn(item)`` over ``items``: process CPU time (user + system,
     all of this process's threads: zarr writes on its own event-loop thread), not wall, so
@@ -153,6 +140,7 @@ def _store(work: Path, name: str, ds, enc, shard: int):
 def phases(work: Path, ds, size: int, batch: int, shard: int) -> dict[str, float]:
     """Core-seconds per image of each phase, each alone on this thread."""
     from cache.schema import EMBED_SHAPE
+    from stages.encoders.preprocess import prepare_sam_reference
     from stages.extract.hostpath import collate_prepared
 
     n = len(ds)
@@ -162,7 +150,7 @@ def phases(work: Path, ds, size: int, batch: int, shard: int) -> dict[str, float
     f["read+hash+decode"] = _per_image(lambda i: (ds.content_hash(i), ds.load_image(i)), range(n))
     f["resize+normalise (float32 canvas)"] = _per_image(enc.prepare, raw)
     if size == 1024:
-        f["old: resize RGB + arithmetic normalise"] = _per_image(_old_prepare_sam, raw)
+        f["old: resize RGB + arithmetic normalise"] = _per_image(prepare_sam_reference, raw)
         fast = null_encoder(size, batch, resize="fast")
         f[FAST_F32] = _per_image(fast.prepare, raw)
         f[FAST_U8] = _per_image(fast.prepare_host(), raw)

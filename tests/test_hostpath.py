@@ -174,19 +174,6 @@ def _cuda_store_check(tmp_path, tiny_root, tiny_sam_checkpoint):
     np.testing.assert_array_equal(got.view(np.uint16), ref.astype(np.float16).view(np.uint16))
 
 
-def _old_prepare_sam(image: np.ndarray, size: int = 1024) -> np.ndarray:
-    """prepare_sam as it was: RGB resize, float32 arithmetic normalisation."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    from stages.encoders.preprocess import _MEAN, _STD, to_rgb, to_uint8_minmax
-
-    r = ResizeLongestSide(size).apply_image(to_uint8_minmax(to_rgb(image)))
-    x = (r.astype(np.float32) - _MEAN) / _STD
-    out = np.zeros((3, size, size), np.float32)
-    out[:, : x.shape[0], : x.shape[1]] = x.transpose(2, 0, 1)
-    return out
-
-
 def _images():
     rng = np.random.default_rng(5)
     return [rng.integers(0, 256, (50, 60), dtype=np.uint8), rng.integers(0, 256, (70, 33, 3), dtype=np.uint8),
@@ -199,15 +186,15 @@ def _images():
 def test_sam_preprocessing_halves_give_the_reference_bits():
     """Gray resized as one channel, the lookup-table normaliser, and the uint8 canvas
     finished on the device (here the CPU) all give the old float32 arithmetic's bits."""
-    from stages.encoders.preprocess import finish_sam, prepare_sam, prepare_sam_u8
+    from stages.encoders.preprocess import finish_sam, prepare_sam, prepare_sam_reference, prepare_sam_u8
 
     imgs = _images()
     for img in imgs:
-        assert prepare_sam(img, 1024).numpy().tobytes() == _old_prepare_sam(img).tobytes(), img.shape
+        assert prepare_sam(img, 1024).numpy().tobytes() == prepare_sam_reference(img).tobytes(), img.shape
     canvases = torch.stack([prepare_sam_u8(img, 1024) for img in imgs] + [torch.zeros(3, 1024, 1024, dtype=torch.uint8)])
     heights, widths = [i.shape[0] for i in imgs] + [0], [i.shape[1] for i in imgs] + [0]
     got = finish_sam(canvases, heights, widths, 1024).numpy()
-    want = np.stack([_old_prepare_sam(img) for img in imgs] + [np.zeros((3, 1024, 1024), np.float32)])
+    want = np.stack([prepare_sam_reference(img) for img in imgs] + [np.zeros((3, 1024, 1024), np.float32)])
     assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
 
 

@@ -187,6 +187,18 @@ def prepare_sam(image: np.ndarray, size: int = 1024, resize: str = "exact") -> t
     return torch.from_numpy(out)
 
 
+def prepare_sam_reference(image: np.ndarray, size: int = 1024) -> np.ndarray:
+    """``prepare_sam`` written plainly (RGB resize, float32 ``(x - mean) / std``), the way
+    ``SamPredictor`` does it: the definition the faster path (grey resized as one channel,
+    a lookup table, or the uint8 canvas finished on the device) must equal bit for bit.
+    Tests and the host-path benchmark compare against it; extraction does not call it."""
+    r = ResizeLongestSide(size).apply_image(to_uint8_minmax(to_rgb(image)))
+    x = (r.astype(np.float32) - _MEAN) / _STD
+    out = np.zeros((3, size, size), np.float32)
+    out[:, : x.shape[0], : x.shape[1]] = x.transpose(2, 0, 1)
+    return out
+
+
 def prepare_sam_u8(image: np.ndarray, size: int = 1024, resize: str = "exact") -> torch.Tensor:
     """The host half of ``prepare_sam`` for a GPU: the resized uint8 image on a zero
     (3,size,size) uint8 canvas (a quarter of the float32 bytes to move and pin);
