@@ -275,14 +275,21 @@ def test_settings_without_effect_do_not_block_reuse():
     assert set(cmp._same(alone, blend)) == {"slca_prior"}
 
 
-def test_bench_blend_reads_the_blended_runs_curves(toy, tmp_path):
+@pytest.fixture(scope="module")
+def slca_compared(toy, tmp_path_factory):
+    """One default slca run (branch and blended prior), trained once for the module."""
+    ds, url = toy
+    cc = CompareConfig(store=url, out=str(tmp_path_factory.mktemp("cmp") / "cmp"), models=["slca"], fractions=[1.0],
+                       seeds=[0], options=FAST)
+    run_compare(cc, dataset=ds, progress=False)
+    return cc
+
+
+def test_bench_blend_reads_the_blended_runs_curves(slca_compared, tmp_path):
     import subprocess
     import sys
 
-    ds, url = toy
-    cc = CompareConfig(store=url, out=str(tmp_path / "cmp"), models=["slca"], fractions=[1.0], seeds=[0],
-                       options=FAST)
-    run_compare(cc, dataset=ds, progress=False)
+    cc = slca_compared
     run_out = cmp.run_dir(cc.out, "slca", 1.0, 0)
     rows = (run_out / "blend.csv").read_text().splitlines()[1:]
     auc = [float(r.split(",")[3]) for r in rows]
@@ -318,3 +325,36 @@ def test_bench_classify_passes_its_set_pairs_to_every_run(toy, tmp_path):
     with pytest.raises(SystemExit, match="--set 'slca_branch_sup': expected KEY=VALUE"):
         bench.compare_config(argparse.Namespace(**{**vars(args), "settings": ["slca_branch_sup"]}), url, tmp_path)
 
+
+
+def test_bench_parts_splits_slca_into_parts_that_sum_to_its_logits(slca_compared, toy):
+    """The image part, the branch and the prior at the saved weight add up to the trained
+    model's test predictions, and the ``auc`` rule (what training does) re-chooses that weight."""
+    import csv
+
+    import torch
+
+    from benchmarks import bench_parts
+    from cache import FeatureStore
+    from stages.classify.evaluate import _rows, load_classifier
+    from stages.classify.probe import BLEND_WEIGHTS
+    from stages.common.joined import open_joined
+
+    cc, (ds, _) = slca_compared, toy
+    run = cmp.run_dir(cc.out, "slca", 1.0, 0)
+    joined = open_joined(FeatureStore(cc.store), ds)
+    y, z, classes = bench_parts.logit_parts(run, joined, "test")
+    _, saved = load_classifier(run / "model.pt")
+    w = saved["model_kwargs"]["prior_weight"]
+    probs = torch.softmax(torch.as_tensor(bench_parts.combine(z, w, True)), 1).numpy()
+    ids = [str(i) for i in joined.store.ids[_rows(saved, joined.store, joined.rows, "test")]]
+    with open(run / "predictions.csv", newline="") as f:
+        want = {r["id"]: [float(r[k]) for k in r if k.startswith("prob_")] for r in csv.DictReader(f)
+                if r["split"] == "test"}
+    assert sorted(ids) == sorted(want) and len(ids) > 0
+    np.testing.assert_allclose(probs, [want[i] for i in ids], atol=2e-5)
+    got = bench_parts.run_parts(run, joined, BLEND_WEIGHTS)
+    assert got["w_auc"] == w and got["auc"] == pytest.approx(_metrics(cc.out, "slca", 1.0, 0)["test"]["auc"], abs=1e-6)
+    assert got["image_auc"] == 1.0 and got["image_loss"] == 1.0
+    for rule in bench_parts.RULES:
+        assert 0 <= got[f"val half {rule}"] <= 1 and got[f"w_{rule}"] in BLEND_WEIGHTS
