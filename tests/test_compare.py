@@ -326,7 +326,6 @@ def test_bench_classify_passes_its_set_pairs_to_every_run(toy, tmp_path):
         bench.compare_config(argparse.Namespace(**{**vars(args), "settings": ["slca_branch_sup"]}), url, tmp_path)
 
 
-
 def test_bench_parts_splits_slca_into_parts_that_sum_to_its_logits(slca_compared, toy):
     """The image part, the branch and the prior at the saved weight add up to the trained
     model's test predictions, and the ``auc`` rule (what training does) re-chooses that weight."""
