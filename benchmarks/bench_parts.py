@@ -48,16 +48,25 @@ def _score(y: np.ndarray, z: np.ndarray, classes: list[str]) -> tuple[float, flo
     return classification_metrics(y, p, classes)["auc"], float(log_loss(y, p, labels=list(range(len(classes)))))
 
 
-@torch.no_grad()
-def logit_parts(run: Path, joined, split: str) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
-    """Labels and the (N,K) logits of the image part, the branch and the prior (weight 1) on ``split``."""
-    from stages.classify.data import ClassifyData, make_loader
-    from stages.classify.evaluate import _rows, load_classifier
-    from stages.common.geometry import saved_geometry
+def load_slca(run: Path):
+    """(network, saved dict) of a default slca run: with a sam-head branch and a probe prior."""
+    from stages.classify.evaluate import load_classifier
 
     net, saved = load_classifier(run / "model.pt")
     if net.branch is None or net.prior is None:
         raise ValueError(f"{run}: not a slca with a sam-head branch and a probe prior (the default)")
+    net.prior_weight = 0.0  # the prior is scored on its own, at weight 1
+    return net, saved
+
+
+@torch.no_grad()
+def logit_parts(net, saved: dict[str, Any], joined, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Labels and the (N,K) logits of the image part, the branch and the prior (weight 1) on
+    ``split``, for a network of ``load_slca``."""
+    from stages.classify.data import ClassifyData, make_loader
+    from stages.classify.evaluate import _rows
+    from stages.common.geometry import saved_geometry
+
     rows = _rows(saved, joined.store, joined.rows, split)
     data = ClassifyData(joined, rows, int(saved["img_size"]), True, True, False, False,
                         geometry=saved_geometry(saved))
@@ -65,12 +74,11 @@ def logit_parts(run: Path, joined, split: str) -> tuple[np.ndarray, dict[str, np
     z = {name: np.zeros((len(rows), k)) for name in ("image", "branch", "prior")}
     for batch in make_loader(data, 64, False, 0, 0, joined.store.shard_size, pin=False):
         sam, pos = batch["sam"].float(), batch["pos"].numpy()
-        net.prior_weight = 0.0
         own, extra = net(batch["image"], sam, aux=True)
         z["branch"][pos] = extra["branch"].numpy()
         z["image"][pos] = (own - extra["branch"]).numpy()
         z["prior"][pos] = net.prior(None, sam).numpy()
-    return joined.store.labels[rows], z, list(saved["classes"])
+    return joined.store.labels[rows], z
 
 
 Spec = tuple[float, bool]  # (prior weight w, with the image part)
@@ -107,7 +115,9 @@ def run_parts(run: Path, joined, weights: tuple[float, ...]) -> dict[str, float]
     """For one slca run: test AUC of each part alone and of each rule's choice on validation,
     and each rule's split-half validation AUC (choose on one half, score the other, both ways:
     how a rule is compared without looking at test)."""
-    (yv, zv, classes), (yt, zt, _) = (logit_parts(run, joined, s) for s in ("val", "test"))
+    net, saved = load_slca(run)
+    classes = list(saved["classes"])
+    (yv, zv), (yt, zt) = (logit_parts(net, saved, joined, s) for s in ("val", "test"))
     out = {"image": _score(yt, zt["image"], classes)[0], "branch": _score(yt, zt["branch"], classes)[0],
            "sam parts": _score(yt, combine(zt, *choose("sam", yv, zv, classes, weights)), classes)[0]}
     halves = split_half(yv)

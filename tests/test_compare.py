@@ -335,15 +335,15 @@ def test_bench_parts_splits_slca_into_parts_that_sum_to_its_logits(slca_compared
 
     from benchmarks import bench_parts
     from cache import FeatureStore
-    from stages.classify.evaluate import _rows, load_classifier
+    from stages.classify.evaluate import _rows
     from stages.classify.probe import BLEND_WEIGHTS
     from stages.common.joined import open_joined
 
     cc, (ds, _) = slca_compared, toy
     run = cmp.run_dir(cc.out, "slca", 1.0, 0)
     joined = open_joined(FeatureStore(cc.store), ds)
-    y, z, classes = bench_parts.logit_parts(run, joined, "test")
-    _, saved = load_classifier(run / "model.pt")
+    net, saved = bench_parts.load_slca(run)
+    y, z = bench_parts.logit_parts(net, saved, joined, "test")
     w = saved["model_kwargs"]["prior_weight"]
     probs = torch.softmax(torch.as_tensor(bench_parts.combine(z, w, True)), 1).numpy()
     ids = [str(i) for i in joined.store.ids[_rows(saved, joined.store, joined.rows, "test")]]
