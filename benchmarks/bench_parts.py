@@ -169,25 +169,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--model", default="slca", help="the slca variant's run folder name (e.g. 'slca+branch_sup=1')")
-    p.add_argument("--json", type=Path, help="also write every per-seed value here")
     args = p.parse_args()
     columns = [*(f"test AUC: {c}" for c in (*PARTS, *RULES, "backbone", "sam-head", "probe")),
                *(f"val half AUC: {r}" for r in RULES)]
     keys = [c.split(": ")[1] if c.startswith("test") else c.replace(" AUC:", "") for c in columns]
     print("| folder, fraction | seeds | " + " | ".join(columns) + " | w (auc / loss) | drop chose sam parts |")
     print("|---|---:|" + "---:|" * (len(columns) + 2))
-    everything = {}
     for folder in args.folders:
         if not (folder / "compare.json").is_file():
             sys.exit(f"error: {folder}: no compare.json; pass a `pipeline compare --out` folder")
         for frac, cols in folder_table(folder, args.model).items():
-            everything[f"{folder} {frac}"] = cols
             cells = " | ".join(_cell(cols[k]) if cols.get(k) else "-" for k in keys)
             ws = " ".join(f"{a:g}/{b:g}" for a, b in zip(cols["w_auc"], cols["w_loss"]))
             dropped = sum(1 - x for x in cols["image_drop"])
             print(f"| {folder.name} {frac} | {len(cols['auc'])} | {cells} | {ws} | {dropped:g} |")
-    if args.json:
-        args.json.write_text(json.dumps(everything, indent=1) + "\n")
 
 
 if __name__ == "__main__":
