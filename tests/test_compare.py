@@ -160,6 +160,7 @@ def test_variants_and_settings_are_parsed_against_the_training_config():
     assert cmp.run_name("slca/window=0") == "slca+window=0"
     assert parse_variant("slca/augment=flip+photometric/branch_sup=0") == (
         "slca", {"augment": "flip+photometric", "slca_branch_sup": 0.0})
+    assert parse_variant("slca/branch_detach=1") == ("slca", {"slca_branch_detach": True})
     with pytest.raises(ValueError, match=r"--models 'slca/windw=0': unknown setting 'windw'"):
         parse_variant("slca/windw=0")
     with pytest.raises(ValueError, match=r"slca_window='x' is not int"):
@@ -273,6 +274,11 @@ def test_settings_without_effect_do_not_block_reuse():
     assert cmp._same({**stack, "slca_prior_folds": 3}, stack) == ["slca_prior_folds"]
     assert cmp._same(stack, blend) == ["slca_prior_blend"]
     assert set(cmp._same(alone, blend)) == {"slca_prior"}
+    # without a branch, neither its loss weight nor whether it is its only loss changes anything
+    nobranch = {**alone, "slca_branch": False}
+    assert cmp._same({**nobranch, "slca_branch_sup": 0.0, "slca_branch_detach": True}, nobranch) == []
+    assert cmp._same({**alone, "slca_branch_detach": True}, alone) == ["slca_branch_detach"]
+    assert cmp._same({k: v for k, v in alone.items() if k != "slca_branch_detach"}, alone) == []  # older run
 
 
 @pytest.fixture(scope="module")

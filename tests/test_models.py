@@ -280,3 +280,20 @@ def test_slca_aux_returns_the_branch_logits_that_the_total_adds():
     torch.testing.assert_close(logits - aux["branch"], net.forward_head(net.forward_features(x, sam)))
     torch.nn.functional.cross_entropy(aux["branch"], torch.tensor([0, 1, 2, 0])).backward()
     assert net.branch.fc.weight.grad.abs().sum() > 0 and net.net.fc.weight.grad is None  # the branch alone
+
+
+def test_slca_branch_detach_stops_the_summed_loss_at_the_branch_only():
+    torch.manual_seed(0)
+    kw = dict(backbone="resnet10t", num_classes=3, img_size=32, branch=True)
+    joint, detached = create_model("slca", **kw), create_model("slca", **kw, branch_detach=True)
+    detached.load_state_dict(joint.state_dict())
+    x, sam, y = torch.randn(4, 3, 32, 32), _sam(4), torch.tensor([0, 1, 2, 0])
+    for net in (joint, detached):
+        net.eval()
+        torch.nn.functional.cross_entropy(net(x, sam), y).backward()
+    torch.testing.assert_close(joint(x, sam), detached(x, sam))  # the same answer at inference
+    assert joint.branch.fc.weight.grad.abs().sum() > 0 and detached.branch.fc.weight.grad is None
+    torch.testing.assert_close(detached.net.fc.weight.grad, joint.net.fc.weight.grad)  # the image part as before
+    logits, aux = detached(x, sam, aux=True)
+    torch.nn.functional.cross_entropy(aux["branch"], y).backward()  # its own loss still reaches it
+    assert detached.branch.fc.weight.grad.abs().sum() > 0

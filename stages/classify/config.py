@@ -46,6 +46,7 @@ class ClassifyConfig:
     slca_prior_blend: bool = True
     slca_distill: float = 0.0
     slca_branch_sup: float = 1.0
+    slca_branch_detach: bool = False
     slca_lr_mult: float = 1.0
     head_width: int = 64
     drop_rate: float = 0.0
@@ -85,6 +86,9 @@ class ClassifyConfig:
         for name in ("slca_distill", "slca_branch_sup"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: give a loss weight of 0 (off) or more")
+        if self.slca_branch_detach and not (self.slca_branch and self.slca_branch_sup > 0):
+            raise ValueError("--slca-branch-detach: the branch would learn nothing; it needs --slca-branch and "
+                             "--slca-branch-sup above 0 (its own loss)")
         if not self.slca_lr_mult > 0:
             raise ValueError(f"--slca-lr-mult {self.slca_lr_mult}: must be positive")
         if self.patience < 0 or self.warmup_epochs < 0 or self.slca_window < 0 or self.precise_bn < 0:
@@ -100,14 +104,15 @@ class ClassifyConfig:
 # had been trained with the new default)
 BEFORE_OPTION = {"slca_norm": False, "slca_branch": False, "slca_spatial": False, "slca_add": False,
                  "slca_prior": False, "slca_prior_folds": 0, "slca_prior_blend": False, "slca_distill": 0.0,
-                 "slca_branch_sup": 0.0}
+                 "slca_branch_sup": 0.0, "slca_branch_detach": False}
 
 
 def moot(cfg: dict[str, Any]) -> set[str]:
     """Settings of a run (``ClassifyConfig`` as a dict) that its other settings make without
     effect: how the prior joins the network when there is no prior, the stacking folds
-    when the prior is blended in after training, and the branch's own loss without a branch."""
-    out = set() if cfg.get("slca_branch", True) else {"slca_branch_sup"}
+    when the prior is blended in after training, and the branch's own loss (and whether it is
+    the branch's only one) without a branch."""
+    out = set() if cfg.get("slca_branch", True) else {"slca_branch_sup", "slca_branch_detach"}
     if not cfg.get("slca_prior"):
         return out | {"slca_prior_blend", "slca_prior_folds"}
     return out | ({"slca_prior_folds"} if cfg.get("slca_prior_blend") else set())
@@ -132,7 +137,8 @@ def model_kwargs(cfg: ClassifyConfig, num_classes: int, img_size: int) -> dict[s
         if kind == "slca":
             kw.update(stages=cfg.slca_stages, window=cfg.slca_window, hidden=cfg.slca_hidden, act=cfg.slca_act,
                       gate=cfg.slca_gate, fuse=bool(cfg.slca_fuse), norm=bool(cfg.slca_norm),
-                      branch=bool(cfg.slca_branch), spatial=bool(cfg.slca_spatial), add=bool(cfg.slca_add),
+                      branch=bool(cfg.slca_branch), branch_detach=bool(cfg.slca_branch_detach),
+                      spatial=bool(cfg.slca_spatial), add=bool(cfg.slca_add),
                       prior=bool(cfg.slca_prior), distill=cfg.slca_distill > 0)
             if cfg.slca_prior and cfg.slca_prior_blend:
                 kw["prior_weight"] = 0.0  # while training; the weight chosen on validation replaces it

@@ -190,6 +190,10 @@ class SLCAClassifier(nn.Module):
             can only re-weight what a backbone trained on few labels has learnt).
         branch: also add the logits of a ``SAMHead`` (the sam-head CNN on the SAM grid), so
             the model sees everything sam-head sees, plus the image (late fusion).
+        branch_detach: in training, the summed logits carry no gradient into the branch, so
+            it learns only from its own loss (``--slca-branch-sup``): a sam-head inside the
+            model, with the image part learning what it misses (boosting-like), instead of
+            a branch that leans on the image part. No effect at inference.
         prior: also add the logits of a frozen ``LinearProbe`` (the probe, fitted by
             scikit-learn before training starts), so the network starts from the probe's
             answer and learns what the pooled SAM descriptor misses (stacking).
@@ -211,7 +215,8 @@ class SLCAClassifier(nn.Module):
     def __init__(self, backbone: str = "resnet18", num_classes: int = 2, img_size: int = 64,
                  slca: bool = True, stages: str | Sequence[int | str] = "all", window: int = 8,
                  hidden: int = 64, act: str = "gelu", gate: str = "residual", fuse: bool = False,
-                 norm: bool = False, branch: bool = False, spatial: bool = False, add: bool = False,
+                 norm: bool = False, branch: bool = False, branch_detach: bool = False, spatial: bool = False,
+                 add: bool = False,
                  prior: bool = False, prior_weight: float = 1.0, distill: bool = False, drop_rate: float = 0.0,
                  backbone_kwargs: dict | None = None, pretrained: bool | str | Path = False):
         super().__init__()
@@ -229,6 +234,7 @@ class SLCAClassifier(nn.Module):
             if slca and fuse else None
         self.branch = self.prior = None
         self.prior_weight = float(prior_weight)  # a float, not a buffer: model_kwargs carries it
+        self.branch_detach = bool(branch_detach)
         if slca and (branch or prior):
             # imported here, not at the top: sam_head registers its models on import, and the
             # registry lists models in registration order (slca, backbone first)
@@ -282,7 +288,7 @@ class SLCAClassifier(nn.Module):
             logits = logits + self.fuse(sam.mean(dim=(2, 3)).to(logits.dtype))
         if self.branch is not None:
             extra["branch"] = self.branch(None, sam).to(logits.dtype)
-            logits = logits + extra["branch"]
+            logits = logits + (extra["branch"].detach() if self.branch_detach else extra["branch"])
         if self.prior is not None and self.prior_weight:
             z = self.prior(None, sam) if prior is None else prior
             logits = logits + self.prior_weight * z.to(logits.dtype)
@@ -364,8 +370,8 @@ def load_weights(net: nn.Module, path: str | Path) -> tuple[int, int]:
 
 
 # the SLCA-only constructor arguments (model_kwargs of a slca run); backbone drops them
-SLCA_OPTIONS = ("stages", "window", "hidden", "act", "gate", "fuse", "norm", "branch", "spatial", "add", "prior",
-                "prior_weight", "distill")
+SLCA_OPTIONS = ("stages", "window", "hidden", "act", "gate", "fuse", "norm", "branch", "branch_detach", "spatial",
+                "add", "prior", "prior_weight", "distill")
 
 
 @register_model
