@@ -36,7 +36,7 @@ def _settings(settings: list[str] | None, option: list[str] | None, given: dict,
 def compare(
     from_cache: opt.FromCache,
     out: Annotated[Path, opt.out("Comparison folder: compare.md/.json/.png and runs/<model>/f<fraction>/s<seed>/ (new, empty, or an earlier comparison).")],
-    models: str = typer.Option("backbone,slca,probe,sam-head", "--models", "-m", help="Comma list of slca, backbone, probe, sam-head; variants as slca/window=0/gate=mul (keys: `pipeline train` option names with underscores, or window, gate, stages, hidden, act, fuse, norm, branch, spatial, add, prior, prior_folds, blend, distill, branch_sup, branch_detach, lr_mult, img)."),
+    models: str = typer.Option("backbone,slca,probe,sam-head", "--models", "-m", help="Comma list of slca, backbone, probe, sam-head; variants as slca/window=0/gate=mul (keys: `pipeline train` option names with underscores, or window, gate, stages, hidden, act, fuse, norm, branch, spatial, add, prior, prior_folds, blend, distill, branch_sup, branch_detach, image_sup, independent, lr_mult, img)."),
     fractions: str = typer.Option("0.1,1.0", "--fractions", help="Comma list of labelled fractions of the training split (stratified, seeded)."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma list of seeds (initialisation, order, augmentation, fraction subset)."),
     backbone: Annotated[Optional[str], opt.backbone("timm model for slca/backbone (default resnet18).")] = None,

@@ -27,7 +27,7 @@ image changed since extraction, is refused.
 CLASSIFY_ONLY = ("model", "backbone", "backbone_weights", "pretrained", "img_size", "slca_stages", "slca_window",
                  "slca_hidden", "slca_act", "slca_gate", "slca_fuse", "slca_norm", "slca_branch", "slca_spatial",
                  "slca_add", "slca_prior", "slca_prior_folds", "slca_prior_blend", "slca_distill", "slca_branch_sup",
-                 "slca_branch_detach", "slca_lr_mult",
+                 "slca_branch_detach", "slca_image_sup", "slca_independent", "slca_lr_mult",
                  "sam_head_width", "drop_rate", "warmup_epochs",
                  "class_weights", "label_smoothing", "clip_grad", "precise_bn", "augment", "split_seed",
                  "val_fraction", "test_fraction", "probe_c", "attention_images", "plots")
@@ -35,6 +35,13 @@ SEGMENT_ONLY = ("head", "labeled_volumes", "sam_checkpoint")
 # parameter name -> config field, where they differ
 RENAMED = {"from_cache": "store", "option": "dataset_options", "sam_head_width": "head_width",
            "class_weights": "class_weighting"}
+# the two loss options share one signature line (the signature stays within the size rule)
+SlcaImageSup = Annotated[float, typer.Option(
+    "--slca-image-sup", help="slca: weight of a cross-entropy on the image part's own logits (the SLCA-steered "
+    "backbone, without the branch and prior), so it also classifies alone (deep supervision; 0: off).")]
+SlcaIndependent = Annotated[bool, typer.Option(
+    "--slca-independent/--no-slca-independent", help="slca: no loss on the summed logits; each part learns from "
+    "its own only (--slca-image-sup, --slca-branch-sup), so the sum is an ensemble of two classifiers.")]
 
 
 @app.command(help=HELP)
@@ -47,8 +54,7 @@ def train(
     backbone: Annotated[str, opt.backbone("timm model for slca/backbone: resnet18/50/152, seresnext50_32x4d, legacy_senet154, swinv2_tiny_window8_256, ...")] = "resnet18",
     backbone_weights: Annotated[Optional[Path], opt.backbone_weights("Local timm checkpoint (.pth/.safetensors) for the backbone, read by timm's pretrained loader; default random init (nothing is downloaded).")] = None,
     pretrained: bool = typer.Option(False, "--pretrained/--no-pretrained", help="slca/backbone: start from timm's pretrained (ImageNet) weights, downloaded once through the Hugging Face hub into its cache (HF_HOME); HF_HUB_OFFLINE=1 reads only the cache."),
-    dataset: opt.StoreDataset = None,
-    data_root: opt.StoreDataRoot = None,
+    dataset: opt.StoreDataset = None, data_root: opt.StoreDataRoot = None,
     option: opt.DatasetOption = None,
     img_size: Annotated[int, opt.img_size("Backbone input side (0: median image side rounded up to 32, within 64..224; 28px MedMNIST -> 64).")] = 0,
     slca_stages: str = typer.Option("all", "--slca-stages", help="Stages gated by SLCA: all, last2, or indices/names, e.g. 'layer3,layer4' or '=-2,-1'."),
@@ -67,6 +73,7 @@ def train(
     slca_distill: float = typer.Option(0.0, "--slca-distill", help="slca: weight of an auxiliary loss in which the last SLCA stage predicts the cached SAM features (0: off)."),
     slca_branch_sup: float = typer.Option(1.0, "--slca-branch-sup", help="slca: weight of a second cross-entropy on the sam-head branch's own logits, so the branch also classifies alone (deep supervision; 0: off)."),
     slca_branch_detach: bool = typer.Option(False, "--slca-branch-detach/--no-slca-branch-detach", help="slca: the branch learns from its own loss only (no gradient from the summed logits), so the image part learns what it misses."),
+    slca_image_sup: SlcaImageSup = 1.0, slca_independent: SlcaIndependent = False,
     slca_lr_mult: float = typer.Option(1.0, "--slca-lr-mult", help="slca: learning-rate factor of the SLCA blocks."),
     sam_head_width: int = typer.Option(64, "--sam-head-width", help="Width of the sam-head CNN."),
     drop_rate: float = typer.Option(0.0, "--drop-rate", help="Dropout before the classifier (sam-head: 0 means 0.1)."),

@@ -161,6 +161,8 @@ def test_variants_and_settings_are_parsed_against_the_training_config():
     assert parse_variant("slca/augment=flip+photometric/branch_sup=0") == (
         "slca", {"augment": "flip+photometric", "slca_branch_sup": 0.0})
     assert parse_variant("slca/branch_detach=1") == ("slca", {"slca_branch_detach": True})
+    assert parse_variant("slca/image_sup=0.5/independent=1") == ("slca", {"slca_image_sup": 0.5,
+                                                                           "slca_independent": True})
     with pytest.raises(ValueError, match=r"--models 'slca/windw=0': unknown setting 'windw'"):
         parse_variant("slca/windw=0")
     with pytest.raises(ValueError, match=r"slca_window='x' is not int"):
@@ -279,6 +281,9 @@ def test_settings_without_effect_do_not_block_reuse():
     assert cmp._same({**nobranch, "slca_branch_sup": 0.0, "slca_branch_detach": True}, nobranch) == []
     assert cmp._same({**alone, "slca_branch_detach": True}, alone) == ["slca_branch_detach"]
     assert cmp._same({k: v for k, v in alone.items() if k != "slca_branch_detach"}, alone) == []  # older run
+    older = {k: v for k, v in alone.items() if k not in ("slca_image_sup", "slca_independent")}
+    assert cmp._same(older, alone) == []  # a run from before the image part's own loss had none
+    assert cmp._same(older, {**alone, "slca_image_sup": 1.0}) == ["slca_image_sup"]
 
 
 @pytest.fixture(scope="module")

@@ -282,6 +282,18 @@ def test_slca_aux_returns_the_branch_logits_that_the_total_adds():
     assert net.branch.fc.weight.grad.abs().sum() > 0 and net.net.fc.weight.grad is None  # the branch alone
 
 
+def test_slca_aux_image_is_the_image_part_alone():
+    torch.manual_seed(0)
+    net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32, branch=True, prior=True,
+                       prior_weight=0.5, fuse=True).eval()
+    x, sam = torch.randn(2, 3, 32, 32), _sam(2)
+    logits, aux = net(x, sam, aux=True)
+    # the sum is the image part (backbone and fuse), the branch and the weighted prior
+    torch.testing.assert_close(logits, aux["image"] + aux["branch"] + 0.5 * net.prior(None, sam))
+    torch.testing.assert_close(aux["image"], net.forward_head(net.forward_features(x, sam))
+                               + net.fuse(sam.mean(dim=(2, 3))))
+
+
 def test_slca_branch_detach_stops_the_summed_loss_at_the_branch_only():
     torch.manual_seed(0)
     kw = dict(backbone="resnet10t", num_classes=3, img_size=32, branch=True)

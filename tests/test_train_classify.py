@@ -500,3 +500,38 @@ def test_slca_branch_detach_trains_the_branch_on_its_own_loss_only(toy, tmp_path
             train_classifier(dataclasses.replace(joint, out=str(tmp_path / "bad"), slca_branch_detach=True, **bad),
                              dataset=ds, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_slca_independent_trains_each_part_on_its_own_loss_only(toy, tmp_path):
+    ds, url = toy
+    # no gradient clipping: a global norm would couple the parts' updates; last.pt: every run
+    # ends after the same epochs (model.pt's best epoch may differ)
+    base = _cfg(url, tmp_path, model="slca", slca_prior=False, clip_grad=0.0, slca_image_sup=1.0)
+
+    def parts(name: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """(branch, image part) weights after training, each flattened into one vector."""
+        train_classifier(dataclasses.replace(base, out=str(tmp_path / name), **kw), dataset=ds, progress=False)
+        state = load_checkpoint(tmp_path / name / "last.pt")["state_dict"]
+        branch, image = ([v.float().flatten() for k, v in state.items() if k.startswith(p)]
+                         for p in ("branch.", "net."))
+        return torch.cat(branch), torch.cat(image)
+
+    def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max())
+
+    # a faster SLCA (an image-part setting) changes the image part; the branch sees that only
+    # through the summed loss
+    ind1, ind2 = parts("ind1", slca_independent=True), parts("ind2", slca_independent=True, slca_lr_mult=3.0)
+    torch.testing.assert_close(ind1[0], ind2[0])
+    assert gap(ind1[1], ind2[1]) > 1e-3
+    joint1, joint2 = parts("joint1"), parts("joint2", slca_lr_mult=3.0)
+    assert gap(joint1[0], joint2[0]) > 1e-3
+    assert gap(joint1[1], ind1[1]) > 1e-3  # and dropping the summed loss changes the image part
+    for bad in (dict(slca_image_sup=0.0), dict(slca_branch_sup=0.0)):
+        with pytest.raises(ValueError, match="--slca-independent"):
+            train_classifier(dataclasses.replace(base, out=str(tmp_path / "bad"), slca_independent=True, **bad),
+                             dataset=ds, progress=False)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="--slca-image-sup"):
+        train_classifier(dataclasses.replace(base, out=str(tmp_path / "bad"), slca_image_sup=-1.0), dataset=ds,
+                         progress=False)

@@ -44,7 +44,8 @@ ALIASES = {"gate": "slca_gate", "window": "slca_window", "stages": "slca_stages"
            "act": "slca_act", "fuse": "slca_fuse", "norm": "slca_norm", "branch": "slca_branch",
            "spatial": "slca_spatial", "add": "slca_add", "prior": "slca_prior", "prior_folds": "slca_prior_folds",
            "blend": "slca_prior_blend", "distill": "slca_distill", "branch_sup": "slca_branch_sup",
-           "branch_detach": "slca_branch_detach", "lr_mult": "slca_lr_mult", "img": "img_size"}
+           "branch_detach": "slca_branch_detach", "image_sup": "slca_image_sup", "independent": "slca_independent",
+           "lr_mult": "slca_lr_mult", "img": "img_size"}
 # set by the comparison itself, per run
 CONTROLLED = ("store", "out", "model", "train_fraction", "seed", "resume", "overwrite")
 # config.json keys that may differ between a reused run and the request (no effect on the result)

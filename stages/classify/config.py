@@ -47,6 +47,10 @@ class ClassifyConfig:
     slca_distill: float = 0.0
     slca_branch_sup: float = 1.0
     slca_branch_detach: bool = False
+    # the image part classifies alone too, as the branch does (validation AUC over three
+    # sets, level within noise: README, sixth round)
+    slca_image_sup: float = 1.0
+    slca_independent: bool = False
     slca_lr_mult: float = 1.0
     head_width: int = 64
     drop_rate: float = 0.0
@@ -83,12 +87,15 @@ class ClassifyConfig:
         check_schedule(self.epochs, self.batch_size, self.lr)
         if self.slca_prior_folds < 0 or self.slca_prior_folds == 1:
             raise ValueError(f"--slca-prior-folds {self.slca_prior_folds}: use 0 (in-sample probe logits) or 2 or more")
-        for name in ("slca_distill", "slca_branch_sup"):
+        for name in ("slca_distill", "slca_branch_sup", "slca_image_sup"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: give a loss weight of 0 (off) or more")
         if self.slca_branch_detach and not (self.slca_branch and self.slca_branch_sup > 0):
             raise ValueError("--slca-branch-detach: the branch would learn nothing; it needs --slca-branch and "
                              "--slca-branch-sup above 0 (its own loss)")
+        if self.slca_independent and not (self.slca_image_sup > 0 and (self.slca_branch_sup > 0 or not self.slca_branch)):
+            raise ValueError("--slca-independent: a part would learn nothing; it needs --slca-image-sup above 0 "
+                             "and, with --slca-branch, --slca-branch-sup above 0 (each part's own loss)")
         if not self.slca_lr_mult > 0:
             raise ValueError(f"--slca-lr-mult {self.slca_lr_mult}: must be positive")
         if self.patience < 0 or self.warmup_epochs < 0 or self.slca_window < 0 or self.precise_bn < 0:
@@ -104,7 +111,8 @@ class ClassifyConfig:
 # had been trained with the new default)
 BEFORE_OPTION = {"slca_norm": False, "slca_branch": False, "slca_spatial": False, "slca_add": False,
                  "slca_prior": False, "slca_prior_folds": 0, "slca_prior_blend": False, "slca_distill": 0.0,
-                 "slca_branch_sup": 0.0, "slca_branch_detach": False}
+                 "slca_branch_sup": 0.0, "slca_branch_detach": False, "slca_image_sup": 0.0,
+                 "slca_independent": False}
 
 
 def moot(cfg: dict[str, Any]) -> set[str]:

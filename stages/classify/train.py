@@ -88,9 +88,13 @@ class ClassifyTrainer(Trainer):
         self.gen = torch.Generator()
         self.oof: torch.Tensor | None = None  # out-of-fold prior logits per training position
         # losses added to the task's, by what slca's forward(aux=True) returns: the distilled
-        # SAM features (--slca-distill) and the sam-head branch's own logits (--slca-branch-sup)
-        self.aux = {k: w for k, w in (("distill", cfg.slca_distill), ("branch", cfg.slca_branch_sup))
-                    if w and getattr(net, k, None) is not None}
+        # SAM features (--slca-distill), the sam-head branch's own logits (--slca-branch-sup)
+        # and the image part's (--slca-image-sup); --slca-independent drops the summed loss
+        slca = canonical(cfg.model) == "slca"
+        self.aux = {k: w for k, w in (("distill", cfg.slca_distill), ("branch", cfg.slca_branch_sup),
+                                      ("image", cfg.slca_image_sup))
+                    if w and slca and (k == "image" or getattr(net, k, None) is not None)}
+        self.sum_loss = not (slca and cfg.slca_independent)
         super().__init__(net, out, record, dataclasses.asdict(cfg), epochs=cfg.epochs, patience=cfg.patience,
                          amp=amp, device=device, resume=cfg.resume, clip=cfg.clip_grad, progress=progress)
 
@@ -118,11 +122,12 @@ class ClassifyTrainer(Trainer):
             if not self.aux:
                 return self.criterion(self.net(image, sam, **extra).float(), y), len(y), {}
             logits, aux = self.net(image, sam, aux=True, **extra)
-            loss = self.criterion(logits.float(), y)
+            loss = self.criterion(logits.float(), y) if self.sum_loss else 0.0
             if "distill" in self.aux:
                 loss = loss + self.aux["distill"] * aux["distill"]
-            if "branch" in self.aux:  # deep supervision: the branch must classify on its own too
-                loss = loss + self.aux["branch"] * self.criterion(aux["branch"].float(), y)
+            for part in ("branch", "image"):  # deep supervision: a part must classify on its own too
+                if part in self.aux:
+                    loss = loss + self.aux[part] * self.criterion(aux[part].float(), y)
             return loss, len(y), {}
 
     def after_epoch(self, epoch: int) -> None:

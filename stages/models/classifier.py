@@ -276,8 +276,9 @@ class SLCAClassifier(nn.Module):
 
     def forward(self, image: torch.Tensor, sam: torch.Tensor | None = None,
                 prior: torch.Tensor | None = None, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict]:
-        """-> (B,K) logits; with ``aux``, (logits, what training may add losses on): ``"branch"``,
-        the sam-head branch's own (B,K) logits (with ``branch``), and ``"distill"``, the
+        """-> (B,K) logits; with ``aux``, (logits, what training may add losses on): ``"image"``,
+        the (B,K) logits of the image part alone (the SLCA-steered backbone, plus ``fuse``),
+        ``"branch"``, the sam-head branch's own (B,K) logits (with ``branch``), and ``"distill"``, the
         scalar distillation loss (with ``distill``). ``prior`` (B,K) replaces the prior's own
         logits (training on out-of-fold probe logits); ignored without ``prior`` in the
         constructor."""
@@ -286,6 +287,7 @@ class SLCAClassifier(nn.Module):
         extra: dict[str, torch.Tensor] = {}
         if self.fuse is not None:
             logits = logits + self.fuse(sam.mean(dim=(2, 3)).to(logits.dtype))
+        extra["image"] = logits
         if self.branch is not None:
             extra["branch"] = self.branch(None, sam).to(logits.dtype)
             logits = logits + (extra["branch"].detach() if self.branch_detach else extra["branch"])
