@@ -282,8 +282,9 @@ def test_settings_without_effect_do_not_block_reuse():
     assert cmp._same({**alone, "slca_branch_detach": True}, alone) == ["slca_branch_detach"]
     assert cmp._same({k: v for k, v in alone.items() if k != "slca_branch_detach"}, alone) == []  # older run
     older = {k: v for k, v in alone.items() if k not in ("slca_image_sup", "slca_independent")}
-    assert cmp._same(older, alone) == []  # a run from before the image part's own loss had none
-    assert cmp._same(older, {**alone, "slca_image_sup": 1.0}) == ["slca_image_sup"]
+    # a run from before the image part's own loss had none: today's slca/image_sup=0, not today's slca
+    assert cmp._same(older, {**alone, "slca_image_sup": 0.0}) == []
+    assert cmp._same(older, alone) == ["slca_image_sup"]
 
 
 @pytest.fixture(scope="module")

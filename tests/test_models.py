@@ -267,7 +267,7 @@ def test_slca_distill_loss_is_the_last_stage_predicting_the_pooled_sam_features(
     assert net(x, sam, aux=True)[1]["distill"] < 0.5 * start
     plain = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32)
     assert plain.distill is None and not any(k.startswith("distill") for k in plain.state_dict())
-    assert net(x, sam, aux=True)[1].keys() == {"distill"} and plain(x, sam, aux=True)[1] == {}
+    assert net(x, sam, aux=True)[1].keys() == {"image", "distill"} and plain(x, sam, aux=True)[1].keys() == {"image"}
 
 
 def test_slca_aux_returns_the_branch_logits_that_the_total_adds():
@@ -275,7 +275,7 @@ def test_slca_aux_returns_the_branch_logits_that_the_total_adds():
     net = create_model("slca", backbone="resnet10t", num_classes=3, img_size=32, branch=True).eval()
     x, sam = torch.randn(4, 3, 32, 32), _sam(4)
     logits, aux = net(x, sam, aux=True)
-    assert aux.keys() == {"branch"}
+    assert aux.keys() == {"image", "branch"}
     torch.testing.assert_close(aux["branch"], net.branch(None, sam))
     torch.testing.assert_close(logits - aux["branch"], net.forward_head(net.forward_features(x, sam)))
     torch.nn.functional.cross_entropy(aux["branch"], torch.tensor([0, 1, 2, 0])).backward()
