@@ -527,6 +527,7 @@ def test_slca_independent_trains_each_part_on_its_own_loss_only(toy, tmp_path):
     joint1, joint2 = parts("joint1"), parts("joint2", slca_lr_mult=3.0)
     assert gap(joint1[0], joint2[0]) > 1e-3
     assert gap(joint1[1], ind1[1]) > 1e-3  # and dropping the summed loss changes the image part
+    assert gap(joint1[1], parts("sum_only", slca_image_sup=0.0)[1]) > 1e-3  # as does the image part's own loss
     for bad in (dict(slca_image_sup=0.0), dict(slca_branch_sup=0.0)):
         with pytest.raises(ValueError, match="--slca-independent"):
             train_classifier(dataclasses.replace(base, out=str(tmp_path / "bad"), slca_independent=True, **bad),

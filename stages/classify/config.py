@@ -93,7 +93,8 @@ class ClassifyConfig:
         if self.slca_branch_detach and not (self.slca_branch and self.slca_branch_sup > 0):
             raise ValueError("--slca-branch-detach: the branch would learn nothing; it needs --slca-branch and "
                              "--slca-branch-sup above 0 (its own loss)")
-        if self.slca_independent and not (self.slca_image_sup > 0 and (self.slca_branch_sup > 0 or not self.slca_branch)):
+        parts_learn = self.slca_image_sup > 0 and (self.slca_branch_sup > 0 or not self.slca_branch)
+        if self.slca_independent and not parts_learn:
             raise ValueError("--slca-independent: a part would learn nothing; it needs --slca-image-sup above 0 "
                              "and, with --slca-branch, --slca-branch-sup above 0 (each part's own loss)")
         if not self.slca_lr_mult > 0:
