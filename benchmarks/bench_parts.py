@@ -74,9 +74,9 @@ def logit_parts(net, saved: dict[str, Any], joined, split: str) -> tuple[np.ndar
     z = {name: np.zeros((len(rows), k)) for name in ("image", "branch", "prior")}
     for batch in make_loader(data, 64, False, 0, 0, joined.store.shard_size, pin=False):
         sam, pos = batch["sam"].float(), batch["pos"].numpy()
-        own, extra = net(batch["image"], sam, aux=True)
+        _, extra = net(batch["image"], sam, aux=True)
         z["branch"][pos] = extra["branch"].numpy()
-        z["image"][pos] = (own - extra["branch"]).numpy()
+        z["image"][pos] = extra["image"].numpy()
         z["prior"][pos] = net.prior(None, sam).numpy()
     return joined.store.labels[rows], z
 
