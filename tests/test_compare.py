@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from toy_store import make_toy
 
 from stages.classify import train as classify_mod
@@ -152,6 +153,34 @@ def test_run_of_other_settings_is_refused_and_overwrite_deletes_only_its_files(t
     assert (run / "notes.txt").read_text() == "mine" and (tmp_path / "cmp" / "mine.txt").read_text() == "mine"
 
 
+def test_jobs_train_runs_at_once_exactly_as_one_at_a_time(toy, tmp_path, capfd):
+    """--jobs 2 from a two-thread process trains in two spawned one-thread processes: every
+    run's weights and metrics equal the same comparison trained here with one thread."""
+    ds, url = toy
+    base = CompareConfig(store=url, out=str(tmp_path / "one"), models=["backbone", "probe"], fractions=[1.0],
+                         seeds=[0, 1], options=FAST)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_compare(base, dataset=ds, progress=False)
+        torch.set_num_threads(2)
+        two = run_compare(dataclasses.replace(base, out=str(tmp_path / "two"), jobs=2), dataset=ds)
+    finally:
+        torch.set_num_threads(threads)
+    assert "4 runs to train, 2 at a time, 1 thread(s) each" in capfd.readouterr().err
+    assert [r["status"] for r in two["runs"]] == ["trained"] * 4
+    for a, b in zip(one["runs"], two["runs"]):
+        assert (a["model"], a["seed"], a["metrics"]["val"], a["metrics"]["test"]) == \
+            (b["model"], b["seed"], b["metrics"]["val"], b["metrics"]["test"])
+        wa, wb = (load_checkpoint(Path(cc.out) / r["dir"] / "model.pt")["state_dict"]
+                  for cc, r in ((base, a), (dataclasses.replace(base, out=str(tmp_path / "two")), b)))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert one["summary"] == two["summary"]
+    with pytest.raises(ValueError, match="--jobs 0: must be at least 1"):
+        run_compare(dataclasses.replace(base, out=str(tmp_path / "three"), jobs=0), dataset=ds)
+    assert not (tmp_path / "three").exists()
+
+
 def test_variants_and_settings_are_parsed_against_the_training_config():
     assert parse_variant("slca/window=0/gate=mul/fuse=1") == ("slca", {"slca_window": 0, "slca_gate": "mul",
                                                                       "slca_fuse": True})
@@ -202,12 +231,14 @@ def test_cli_compare_on_a_real_store(synthetic_store, tmp_path):
     assert (out / "runs" / "sam-head" / "f1" / "s0" / "model.pt").is_file()
     pt = out / "runs" / "probe" / "f1" / "s0" / "model.pt"
     before = pt.stat().st_mtime_ns
-    r = _cli(args)  # reused
+    r = _cli([*args, "--jobs", "2"])  # reused: nothing to hand to jobs
     assert r.exit_code == 0 and pt.stat().st_mtime_ns == before
     bad = _cli([*args, "--set", "bogus=1"])
     assert bad.exit_code == 2 and "unknown setting 'bogus'" in bad.output and len(bad.output.splitlines()) == 1
     bad = _cli([*args, "--epochs", "0"])
     assert bad.exit_code == 2 and "--epochs 0: must be at least 1" in bad.output
+    bad = _cli([*args, "--jobs", "0"])
+    assert bad.exit_code == 2 and "--jobs 0: must be at least 1" in bad.output and len(bad.output.splitlines()) == 1
 
 
 def test_cli_refuses_a_foreign_non_empty_out(synthetic_store, tmp_path):

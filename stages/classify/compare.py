@@ -17,6 +17,12 @@ and refused when it was made with other settings (``overwrite`` retrains it, del
 that run's own output files). ``DIR`` must be new, empty, or a comparison folder of ours:
 compare.json is written first, so an interrupted comparison is still recognised.
 
+``jobs`` > 1 trains that many runs at once in spawned processes (``stages.common.jobs``),
+each with this process's torch threads divided by ``jobs``. CPU results depend slightly on
+the thread count, so a run may differ a little from the same seed trained with another
+``jobs``; reuse does not look at it. Each job holds its own data (``in_memory`` loads the
+features once per job), so memory grows with ``jobs``; on one GPU keep 1.
+
 Spread: the sample standard deviation over seeds (ddof=1), None with one seed. The
 difference to ``backbone`` is paired: per seed, model minus backbone at the same fraction.
 """
@@ -36,6 +42,7 @@ import numpy as np
 from stages.common.jsonio import write_json
 from stages.classify.config import BEFORE_OPTION, ClassifyConfig, is_model_kind, model_kinds, moot
 from stages.classify.train import OUTPUT_FILES, train_classifier
+from stages.common.jobs import job_threads, run_jobs
 from stages.common.trainer import RESUME_FREE
 from stages.models.registry import canonical
 
@@ -70,6 +77,7 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    jobs: int = 1
 
 
 @dataclass
@@ -215,6 +223,8 @@ def is_compare_dir(out: str | Path) -> bool:
 
 def build_runs(cc: CompareConfig) -> list[Run]:
     """Every model x fraction x seed as a ``ClassifyConfig`` (fractions outermost)."""
+    if cc.jobs < 1:
+        raise ValueError(f"--jobs {cc.jobs}: must be at least 1")
     if not cc.models or not cc.fractions or not cc.seeds:
         raise ValueError("--models, --fractions and --seeds each need at least one value")
     for what, values in (("--models", cc.models), ("--fractions", cc.fractions), ("--seeds", cc.seeds)):
@@ -262,16 +272,13 @@ def run_compare(cc: CompareConfig, dataset=None, progress: bool = True) -> dict[
         "complete": False, "runs": [], "summary": []}
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "compare.json")  # the marker first: an interrupted comparison stays ours
+    train_runs(runs, cc.jobs, dataset, progress)
     for i, r in enumerate(runs, 1):
-        where = f"[{i}/{len(runs)}] {r.model} fraction {r.fraction:g} seed {r.seed}"
-        if r.status != "reuse":
-            log(f"{where}: {'resuming' if r.status == 'resume' else 'training'} in {r.cfg.out}", progress)
-            train_classifier(r.cfg, dataset=dataset, progress=progress)
         m = json.loads((Path(r.cfg.out) / "metrics.json").read_text())
         gates_file = Path(r.cfg.out) / "slca_gates.json"
         gates = json.loads(gates_file.read_text()) if gates_file.exists() else None
-        log(f"{where}: {DONE[r.status]}, test auc {_fmt(m['test'].get('auc'))} "
-            f"accuracy {_fmt(m['test'].get('accuracy'))}", progress)
+        if r.status == "reuse":
+            log(f"{_where(i, len(runs), r)}: reused, {_scores(m)}", progress)
         report["runs"].append({"model": r.model, "fraction": r.fraction, "seed": r.seed, "status": DONE[r.status],
                                "dir": str(Path(r.cfg.out).relative_to(out)), "n_train": m.get("n_train"),
                                "metrics": m, "gates": gates})
@@ -283,6 +290,37 @@ def run_compare(cc: CompareConfig, dataset=None, progress: bool = True) -> dict[
 
     plot_compare(report["summary"], out / "compare.png")
     return report
+
+
+def _where(i: int, n: int, r: Run) -> str:
+    return f"[{i}/{n}] {r.model} fraction {r.fraction:g} seed {r.seed}"
+
+
+def _scores(m: dict[str, Any]) -> str:
+    return f"test auc {_fmt(m['test'].get('auc'))} accuracy {_fmt(m['test'].get('accuracy'))}"
+
+
+def train_runs(runs: Sequence[Run], jobs: int, dataset=None, progress: bool = True) -> None:
+    """Train every run that is not reused, here one after another or ``jobs`` at a time in
+    spawned processes (their progress bars off; one line per run start and end here)."""
+    todo = [(i, r) for i, r in enumerate(runs, 1) if r.status != "reuse"]
+
+    def started(k: int) -> None:
+        i, r = todo[k]
+        log(f"{_where(i, len(runs), r)}: {'resuming' if r.status == 'resume' else 'training'} in {r.cfg.out}",
+            progress)
+
+    def finished(k: int, m: dict[str, Any]) -> None:
+        i, r = todo[k]
+        log(f"{_where(i, len(runs), r)}: {DONE[r.status]}, {_scores(m)}", progress)
+
+    if jobs <= 1 or len(todo) <= 1:
+        for k, (_, r) in enumerate(todo):
+            started(k)
+            finished(k, train_classifier(r.cfg, dataset=dataset, progress=progress))
+        return
+    log(f"{len(todo)} runs to train, {min(jobs, len(todo))} at a time, {job_threads(jobs)} thread(s) each", progress)
+    run_jobs(train_classifier, [(r.cfg, dataset, False) for _, r in todo], jobs, started, finished)
 
 
 def mean_std(values: Sequence[float | None]) -> dict[str, Any]:

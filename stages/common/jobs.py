@@ -1,0 +1,60 @@
+"""Run independent calls a few at a time in spawned processes, splitting this process's
+torch threads between them.
+
+On a CPU host two one-thread training runs finish in about half the time of the same runs
+one after another with two threads each (small convolutions do not keep two threads busy).
+Spawned, not forked: a forked child of a process that has used torch's thread pool or CUDA
+can hang. Each call and its arguments must pickle; what a call prints goes to the same
+stderr, so callers turn their own progress bars off in jobs and report from here.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any, Callable, Sequence
+
+
+def _start(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def job_threads(jobs: int) -> int:
+    """Torch threads per job: this process's count divided by ``jobs``, at least one."""
+    import torch
+
+    return max(1, torch.get_num_threads() // jobs)
+
+
+def run_jobs(fn: Callable[..., Any], calls: Sequence[tuple], jobs: int,
+             started: Callable[[int], None] = lambda k: None,
+             finished: Callable[[int, Any], None] = lambda k, result: None) -> None:
+    """``fn(*calls[k])`` for every k, at most ``jobs`` at once, in the order given.
+
+    ``started(k)`` is called when call k is handed to a process, ``finished(k, result)``
+    when it returns. The first exception stops handing out calls; it is raised once the
+    running ones have ended (each keeps what it wrote, e.g. a checkpoint to resume from)."""
+    if not calls:
+        return
+    n = min(jobs, len(calls))
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start, initargs=(job_threads(jobs),))
+    running: dict[Future, int] = {}
+    queue = iter(range(len(calls)))
+    try:
+        for k in queue:
+            running[pool.submit(fn, *calls[k])] = k
+            started(k)
+            if len(running) == n:
+                break
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                finished(running.pop(fut), fut.result())
+                k = next(queue, None)
+                if k is not None:
+                    running[pool.submit(fn, *calls[k])] = k
+                    started(k)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
