@@ -90,7 +90,7 @@ def compare_config(args, store: str, out: Path):
     except ValueError as e:
         sys.exit(f"error: {e} (a `pipeline train` option name with underscores)")
     return CompareConfig(store=store, out=str(out), models=args.models, fractions=args.fractions, seeds=args.seeds,
-                         options=options, overwrite=args.overwrite)
+                         options=options, overwrite=args.overwrite, jobs=args.jobs)
 
 
 def time_epochs(args, store: str) -> dict:
@@ -165,6 +165,7 @@ def main() -> None:
     p.add_argument("--timing-samples", type=int, default=0, help="images in the timed epochs (0: the training split)")
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="retrain runs made with other settings")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (`pipeline compare --jobs`)")
     args = p.parse_args()
 
     from stages.extract import ExtractConfig, extract

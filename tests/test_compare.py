@@ -359,10 +359,11 @@ def test_bench_classify_passes_its_set_pairs_to_every_run(toy, tmp_path):
     spec.loader.exec_module(bench)
     ds, url = toy
     args = argparse.Namespace(backbone="resnet10t", img_size=32, epochs=1, patience=0, batch_size=8, in_memory=False,
-                              models=["slca"], fractions=[1.0], seeds=[0], overwrite=False,
+                              models=["slca"], fractions=[1.0], seeds=[0], overwrite=False, jobs=3,
                               settings=["slca_branch_sup=0", "precise-bn=0", "workers=0"])
     cc = bench.compare_config(args, url, tmp_path / "cmp")
-    run_compare(cc, dataset=ds, progress=False)
+    assert cc.jobs == 3
+    run_compare(cc, dataset=ds, progress=False)  # one run to train: trained here, not in a job
     cfg = json.loads((cmp.run_dir(cc.out, "slca", 1.0, 0) / "config.json").read_text())
     assert (cfg["slca_branch_sup"], cfg["precise_bn"], cfg["workers"]) == (0.0, 0, 0)
     with pytest.raises(SystemExit, match="--set 'slca_branch_sup': expected KEY=VALUE"):
