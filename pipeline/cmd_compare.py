@@ -55,7 +55,7 @@ def compare(
     workers: Annotated[Optional[int], opt.workers("DataLoader processes (default -1: automatic).")] = None,
     in_memory: opt.InMemory = False,
     plots: Annotated[bool, opt.plots("Write each run's own PNG figures too.")] = False,
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs trained at once, each in its own process with the torch threads split between them (on a 2-core CPU host, 2 trains about twice as fast; memory grows with it)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Runs trained at once, each in its own process with the torch threads split between them (pays where one run leaves cores idle; benchmarks/bench_jobs.py measures it; memory grows with it)."),
     overwrite: Annotated[bool, opt.overwrite("Retrain run folders made with other settings (only their own files are deleted).")] = False,
     quiet: opt.Quiet = False,
 ) -> None:

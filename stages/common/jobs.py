@@ -1,11 +1,12 @@
 """Run independent calls a few at a time in spawned processes, splitting this process's
 torch threads between them.
 
-On a CPU host two one-thread training runs finish in about half the time of the same runs
-one after another with two threads each (small convolutions do not keep two threads busy).
-Spawned, not forked: a forked child of a process that has used torch's thread pool or CUDA
-can hang. Each call and its arguments must pickle; what a call prints goes to the same
-stderr, so callers turn their own progress bars off in jobs and report from here.
+It pays where one call leaves cores idle (small convolutions on many cores) and costs
+where torch already uses every core well, plus a few seconds per process to start
+(``benchmarks/bench_jobs.py`` measures both settings side by side). Spawned, not forked:
+a forked child of a process that has used torch's thread pool or CUDA can hang. Each call
+and its arguments must pickle; what a call prints goes to the same stderr, so callers turn
+their own progress bars off in jobs and report from here.
 """
 from __future__ import annotations
 
