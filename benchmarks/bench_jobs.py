@@ -24,7 +24,7 @@ def compare_cmd(store: str, out: Path, a: argparse.Namespace, jobs: int) -> list
             "--epochs", str(a.epochs), "--patience", "0", "--in-memory", "--jobs", str(jobs), "-q"]
 
 
-def test_aucs(out: Path) -> list[float]:
+def run_aucs(out: Path) -> list[float]:
     report = json.loads((out / "compare.json").read_text())
     return [r["metrics"]["test"]["auc"] for r in report["runs"]]
 
@@ -53,7 +53,7 @@ def main() -> None:
                 peak, wall = peak_rss(compare_cmd(a.store, out, a, jobs))
                 walls[jobs].append(wall)
                 rss[jobs] = max(rss[jobs], peak)
-                aucs[jobs] = test_aucs(out)
+                aucs[jobs] = run_aucs(out)
     rows = [[f"--jobs {j}", spread(walls[j]), f"{median(walls[1]) / median(walls[j]):.2f}x", mib(rss[j]),
              " ".join(f"{x:.3f}" for x in aucs[j])] for j in (1, 2)]
     print(table(rows, ["setting", "wall (median, min-max)", "speed vs --jobs 1", "peak RSS (largest process)",
