@@ -172,8 +172,8 @@ def test_jobs_train_runs_at_once_exactly_as_one_at_a_time(toy, tmp_path, capfd):
     for a, b in zip(one["runs"], two["runs"]):
         assert (a["model"], a["seed"], a["metrics"]["val"], a["metrics"]["test"]) == \
             (b["model"], b["seed"], b["metrics"]["val"], b["metrics"]["test"])
-        wa, wb = (load_checkpoint(Path(cc.out) / r["dir"] / "model.pt")["state_dict"]
-                  for cc, r in ((base, a), (dataclasses.replace(base, out=str(tmp_path / "two")), b)))
+        wa = load_checkpoint(tmp_path / "one" / a["dir"] / "model.pt")["state_dict"]
+        wb = load_checkpoint(tmp_path / "two" / b["dir"] / "model.pt")["state_dict"]
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert one["summary"] == two["summary"]
     with pytest.raises(ValueError, match="--jobs 0: must be at least 1"):
