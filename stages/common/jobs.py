@@ -6,18 +6,37 @@ where torch already uses every core well, plus a few seconds per process to star
 (``benchmarks/bench_jobs.py`` measures both settings side by side). Spawned, not forked:
 a forked child of a process that has used torch's thread pool or CUDA can hang. Each call
 and its arguments must pickle; what a call prints goes to the same stderr, so callers turn
-their own progress bars off in jobs and report from here.
+their own progress bars off in jobs and report from here. On Linux a worker ends with the
+process that started it, however that ends (SIGTERM, SIGKILL, a crash), instead of
+training on unseen; its run keeps the last finished epoch's checkpoint to resume from.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable, Sequence
 
 
-def _start(threads: int) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM when our parent ends; Linux only, elsewhere a no-op."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _start(threads: int, parent: int) -> None:
     import torch
 
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
 
 
@@ -40,7 +59,7 @@ def run_jobs(fn: Callable[..., Any], calls: Sequence[tuple], jobs: int,
         return
     n = min(jobs, len(calls))
     pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start, initargs=(job_threads(jobs),))
+                               initializer=_start, initargs=(job_threads(jobs), os.getpid()))
     running: dict[Future, int] = {}
     queue = iter(range(len(calls)))
     try:
