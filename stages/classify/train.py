@@ -41,7 +41,7 @@ from stages.classify.scoring import predict_loader, score_and_write, to_device
 from stages.common.joined import open_joined, store_record
 from stages.common.runtime import loader_workers, resolve_device, resolve_precision, tune_allocator
 from stages.common.splits import assign_splits, subsample
-from stages.common.trainer import Trainer, log, open_run_folder
+from stages.common.trainer import Trainer, log, run_folder
 from stages.common.training import (
     Amp,
     History,
@@ -188,7 +188,12 @@ def train_classifier(cfg: ClassifyConfig, dataset: Dataset | None = None, progre
     tune_allocator()
     cfg.check()
     check_init(cfg)
-    out = open_run_folder(cfg.out, OUTPUT_FILES, overwrite=cfg.overwrite, resume=cfg.resume)
+    with run_folder(cfg.out, OUTPUT_FILES, overwrite=cfg.overwrite, resume=cfg.resume) as out:
+        return _train(cfg, out, dataset, progress)
+
+
+def _train(cfg: ClassifyConfig, out: Path, dataset: Dataset | None, progress: bool) -> dict[str, Any]:
+    """The run itself, in ``out``, which this process holds (``run_folder``)."""
     write_json(dataclasses.asdict(cfg), out / "config.json")
     seed_everything(cfg.seed)
     t0 = time.perf_counter()

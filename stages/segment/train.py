@@ -21,7 +21,7 @@ from stages.common.joined import store_record
 from stages.common.jsonio import write_json
 from stages.common.runtime import loader_workers, resolve_device, resolve_precision, tune_allocator
 from stages.common.splits import carve_validation, select_training
-from stages.common.trainer import Trainer, open_run_folder
+from stages.common.trainer import Trainer, run_folder
 from stages.common.training import Amp, load_checkpoint, seed_everything
 from stages.models.heads import create_head
 from stages.segment.config import SegmentConfig
@@ -166,7 +166,12 @@ def train_segmentation(cfg: SegmentConfig, data: SegmentData | None = None) -> d
     t0 = time.perf_counter()
     tune_allocator()
     cfg.check()
-    out = open_run_folder(cfg.out, OUTPUT_FILES, overwrite=cfg.overwrite, resume=cfg.resume)
+    with run_folder(cfg.out, OUTPUT_FILES, overwrite=cfg.overwrite, resume=cfg.resume) as out:
+        return _train(cfg, out, data, t0)
+
+
+def _train(cfg: SegmentConfig, out: Path, data: SegmentData | None, t0: float) -> dict[str, Any]:
+    """The run itself, in ``out``, which this process holds (``run_folder``)."""
     device = resolve_device(cfg.device)
     amp = Amp(device, resolve_precision(cfg.precision, device))
     if data is None:
