@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -124,7 +125,7 @@ def remove_partials(url: str | os.PathLike) -> int:
     return n
 
 
-_HELD: "weakref.WeakSet[StoreLock]" = weakref.WeakSet()
+_HELD: "weakref.WeakSet[StoreLock | FolderLock]" = weakref.WeakSet()
 
 
 def _drop_locks_in_child() -> None:
@@ -206,6 +207,39 @@ class StoreLock:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
                 os.close(self.fd)
                 self.fd = None
+
+
+class FolderLock:
+    """Exclusive flock on a folder itself, for the one process writing into it (a training
+    run): no lock file is added, and the kernel drops it when the process dies (even by
+    SIGKILL). ``acquire`` is False while another process holds it; on a file system without
+    flock (some network mounts) it holds nothing and is True, so the work goes on unguarded
+    rather than not at all."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if isinstance(e, BlockingIOError):
+                return False
+            if e.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            return True
+        self.fd = fd
+        _HELD.add(self)
+        return True
+
+    def release(self) -> None:
+        _HELD.discard(self)
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None
 
 
 def writer_lock(url: str | os.PathLike, storage_options: dict[str, Any] | None = None):

@@ -20,9 +20,6 @@ function), so that a network's initial weights depend on the seed alone.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import os
 import sys
 import time
 from pathlib import Path
@@ -219,41 +216,6 @@ class Trainer:
                                 "use another --out")
 
 
-_HELD: set[int] = set()  # run-folder locks of this process
-
-
-def _drop_held_in_child() -> None:
-    """A forked child (a DataLoader worker) closes its copies of the folder locks, so an
-    orphaned worker cannot keep a folder locked after its trainer died."""
-    for fd in _HELD:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_drop_held_in_child)
-
-
-def _lock_folder(folder: Path) -> int | None:
-    """An exclusive flock on the folder itself (no lock file is added; the kernel drops it
-    when the process ends, even by SIGKILL). None where the file system has no flock (some
-    network mounts): training goes on unguarded there rather than not at all."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TrainingError(f"{folder}: another process is training into this folder; nothing was changed, "
-                            "wait for it to finish or choose another --out") from None
-    except OSError as e:
-        if e.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        os.close(fd)
-        return None
-    _HELD.add(fd)
-    return fd
-
-
 @contextlib.contextmanager
 def run_folder(out: str | Path, outputs: Sequence[str], overwrite: bool = False,
                resume: bool = False) -> Iterator[Path]:
@@ -262,14 +224,18 @@ def run_folder(out: str | Path, outputs: Sequence[str], overwrite: bool = False,
     (two `pipeline train` into one --out, two compares reaching one run); ``overwrite``
     removes only ``outputs`` of an earlier run (``cache.ownership``), and only once the
     folder is held."""
+    from cache.io import FolderLock
     from cache.ownership import RUN_MARKERS, ForeignPathError, check_folder_target, prepare_run_folder
 
     try:
         folder = check_folder_target(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = _lock_folder(folder)
     except ForeignPathError as e:
         raise TrainingError(str(e)) from None
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(folder)
+    if not lock.acquire():
+        raise TrainingError(f"{folder}: another process is training into this folder; nothing was changed, "
+                            "wait for it to finish or choose another --out")
     try:
         try:
             prepared = prepare_run_folder(folder, outputs=outputs, markers=RUN_MARKERS, overwrite=overwrite,
@@ -278,6 +244,4 @@ def run_folder(out: str | Path, outputs: Sequence[str], overwrite: bool = False,
             raise TrainingError(str(e)) from None
         yield prepared
     finally:
-        if fd is not None:
-            _HELD.discard(fd)
-            os.close(fd)
+        lock.release()
