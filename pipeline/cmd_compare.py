@@ -42,7 +42,7 @@ def compare(
     backbone: Annotated[Optional[str], opt.backbone("timm model for slca/backbone (default resnet18).")] = None,
     pretrained: bool = typer.Option(False, "--pretrained", help="slca/backbone runs start from timm's pretrained weights (see `pipeline train --help`); probe and sam-head runs are unaffected."),
     backbone_weights: Annotated[Optional[Path], opt.backbone_weights("Local timm checkpoint for the slca/backbone runs' backbone.")] = None,
-    img_size: Annotated[Optional[int], opt.img_size("Backbone input side (default 0: automatic).")] = None,
+    img_size: Annotated[Optional[int], opt.img_size("Backbone input side in px (default 64; 0: automatic).")] = None,
     epochs: Annotated[Optional[int], opt.epochs("Most epochs per run (default 30).")] = None,
     batch_size: Annotated[Optional[int], opt.batch_size("Batch size (default 32).")] = None,
     lr: Annotated[Optional[float], opt.lr("Peak AdamW learning rate (default 1e-3).")] = None,

@@ -56,7 +56,7 @@ def train(
     pretrained: bool = typer.Option(False, "--pretrained/--no-pretrained", help="slca/backbone: start from timm's pretrained (ImageNet) weights, downloaded once through the Hugging Face hub into its cache (HF_HOME); HF_HUB_OFFLINE=1 reads only the cache."),
     dataset: opt.StoreDataset = None, data_root: opt.StoreDataRoot = None,
     option: opt.DatasetOption = None,
-    img_size: Annotated[int, opt.img_size("Backbone input side (0: median image side rounded up to 32, within 64..224; 28px MedMNIST -> 64).")] = 0,
+    img_size: Annotated[int, opt.img_size("Backbone input side in px (0: automatic, the median image side rounded up to 32 within 64..224; 64 measured best, see README).")] = 64,
     slca_stages: str = typer.Option("all", "--slca-stages", help="Stages gated by SLCA: all, last2, or indices/names, e.g. 'layer3,layer4' or '=-2,-1'."),
     slca_window: int = typer.Option(8, "--slca-window", help="SLCA pooling window k on the 64x64 SAM grid (8: 8x8 regions; 0: global, SE-like)."),
     slca_hidden: int = typer.Option(64, "--slca-hidden", help="SLCA bottleneck width r."),

@@ -401,3 +401,24 @@ def test_bench_parts_splits_slca_into_parts_that_sum_to_its_logits(slca_compared
     assert got["image_auc"] == 1.0 and got["image_loss"] == 1.0
     for rule in bench_parts.RULES:
         assert 0 <= got[f"val half {rule}"] <= 1 and got[f"w_{rule}"] in BLEND_WEIGHTS
+
+
+def test_bench_shift_tells_a_shifted_split_from_a_random_one(slca_compared, toy):
+    """The domain classifier finds a test split drawn from other images and not one drawn
+    from the same; on a compare folder it uses the run's own splits."""
+    from benchmarks import bench_shift
+    from stages.common.training import load_checkpoint
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    domain = np.tile(np.repeat([0, 1], 50), 2)
+    same = rng.normal(size=(200, 20))
+    shifted = same + 2.0 * domain[:, None] * (np.arange(20) < 3)
+    assert bench_shift.domain_auc(shifted, domain, labels) > 0.9
+    assert bench_shift.domain_auc(same, domain, labels) < 0.65
+
+    cc, (ds, _) = slca_compared, toy
+    row = bench_shift.folder_row(Path(cc.out), ds)
+    splits = load_checkpoint(cmp.run_dir(cc.out, "slca", 1.0, 0) / "model.pt")["splits"]
+    assert (row["seen"], row["test"]) == (len(splits["train"]) + len(splits["val"]), len(splits["test"]))
+    assert all(0 <= row[v] <= 1 for v in (*bench_shift.VIEWS, "null"))

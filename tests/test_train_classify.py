@@ -223,6 +223,16 @@ def test_prepare_image_pads_like_the_encoder():
     assert auto_img_size(np.array([512]), np.array([400])) == 224
 
 
+def test_the_backbone_input_is_64_px_unless_asked_and_0_sizes_it_from_the_images(tmp_path):
+    ds, url = make_toy(tmp_path / "big", n_per_class=6, size=128)
+    sizes = {}
+    for name, kw in {"default": {}, "auto": {"img_size": 0}, "asked": {"img_size": 96}}.items():
+        cfg = ClassifyConfig(store=url, out=str(tmp_path / name), model="probe", workers=0, plots=False, **kw)
+        train_classifier(cfg, dataset=ds, progress=False)
+        sizes[name] = load_checkpoint(tmp_path / name / "model.pt")["img_size"]
+    assert sizes == {"default": 64, "auto": 128, "asked": 96}
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint_then_resume(toy, tmp_path, monkeypatch):
     ds, url = toy
     cfg = _cfg(url, tmp_path / "run", model="sam-head", epochs=3)
