@@ -22,20 +22,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_run import cli
 from PIL import Image
 from torch import nn
-from typer.testing import CliRunner
 
 from cache import FeatureStore, IncompleteStoreError, StoreError
 from cache.io import StoreLock
-from pipeline.cli import app
 from stages.datasets import open_dataset
 from stages.encoders import build_encoder
 from stages.encoders.base import Encoder
 from stages.extract.failures import failures_report_path
 from stages.extract.hostpath import forward_resilient
 
-runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -59,10 +57,6 @@ def extract_args(root: Path, out: Path, ckpt: Path, kind: str = "synthetic") -> 
     """The one command line of the crash/lock/disk tests: 6 shards of 2 samples."""
     return ["extract", "-d", kind, "-r", str(root), "-o", str(out), *sam_args(ckpt), "--shard-size", "2",
             "--batch-size", "2", "-q"]
-
-
-def cli(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def error_line(res) -> str:

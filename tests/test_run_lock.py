@@ -8,20 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from cli_run import cli, snapshot
 
-from pipeline.cli import app
 
-runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 class Holder:

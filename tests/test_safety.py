@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from cli_run import cli, snapshot
 from s3_server import moto_s3
-from typer.testing import CliRunner
 
 from cache import FeatureStore, Listing, StoreWriter, make_signature
 from cache.hdf5 import export_hdf5
@@ -20,13 +20,6 @@ from cache.ownership import (
     remove_store,
     store_state,
 )
-from pipeline.cli import app
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def refused(res, path) -> str:
@@ -60,13 +53,6 @@ def foreign_zarr(path):
     g = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={"made_by": "someone else"})
     g.create_array("x", shape=(3,), dtype="int32")[:] = [1, 2, 3]
     return path
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    root = Path(root)
-    if root.is_file():
-        return {"": root.read_bytes()}
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture()
