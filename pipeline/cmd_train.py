@@ -29,7 +29,7 @@ CLASSIFY_ONLY = ("model", "backbone", "backbone_weights", "pretrained", "img_siz
                  "slca_add", "slca_prior", "slca_prior_folds", "slca_prior_blend", "slca_distill", "slca_branch_sup",
                  "slca_branch_detach", "slca_image_sup", "slca_independent", "slca_lr_mult",
                  "sam_head_width", "drop_rate", "warmup_epochs",
-                 "class_weights", "label_smoothing", "clip_grad", "precise_bn", "augment", "split_seed",
+                 "class_weights", "label_smoothing", "clip_grad", "precise_bn", "augment", "mixup", "split_seed",
                  "val_fraction", "test_fraction", "probe_c", "attention_images", "plots")
 SEGMENT_ONLY = ("head", "labeled_volumes", "sam_checkpoint")
 # parameter name -> config field, where they differ
@@ -88,6 +88,7 @@ def train(
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient norm clip (0: off)."),
     precise_bn: int = typer.Option(2048, "--precise-bn", help="Before each validation, re-estimate BatchNorm statistics on up to this many training samples (0: off; matters with few labels)."),
     augment: str = typer.Option("flip", "--augment", help="Comma (or +) list: none, flip, rot (flips and 90-degree turns; image and SAM grid alike), photometric (image only)."),
+    mixup: float = typer.Option(0.0, "--mixup", help="Mixup's Beta alpha (e.g. 0.2): pairs of training samples blended, image, SAM grid and label alike (0: off)."),
     train_fraction: float = typer.Option(1.0, "--train-fraction", help="Stratified, seeded fraction of the training split (data-efficiency studies)."),
     seed: Annotated[int, opt.seed("Seed of initialisation, order, augmentation and --train-fraction.")] = 0,
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the split for datasets without official splits."),

@@ -18,7 +18,7 @@ from cache import FeatureStore, SignatureMismatchError, StoreError
 from stages.classify.train import ClassifyConfig, train_classifier
 from stages.common.training import TrainingError
 from stages.classify import train as classify_mod
-from stages.classify.augment import augment, parse_augment
+from stages.classify.augment import augment, mixed_loss, mixup, parse_augment
 from stages.classify.data import ShardBatchSampler, auto_img_size, prepare_image
 from stages.classify.metrics import classification_metrics
 from stages.common.joined import open_joined
@@ -203,6 +203,33 @@ def test_augmentation_moves_image_and_sam_grid_together():
     torch.testing.assert_close(img2[:, :1], sam2[:, :1])
     img3, sam3 = augment(image, sam, ("photometric",), gen)
     assert torch.equal(sam3, sam) and not torch.equal(img3, image)
+
+
+def test_mixup_blends_image_grid_prior_and_labels_with_one_weight():
+    image, sam, prior = torch.randn(6, 3, 8, 8), torch.randn(6, 256, 4, 4), torch.randn(6, 2)
+    mi, ms, mp, perm, lam = mixup(image, sam, prior, 0.4, torch.Generator().manual_seed(3))
+    assert 0 < lam < 1 and sorted(perm.tolist()) == list(range(6)) and perm.tolist() != list(range(6))
+    for mixed, x in ((mi, image), (ms, sam), (mp, prior)):
+        torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+    again = mixup(image, sam, None, 0.4, torch.Generator().manual_seed(3))
+    assert again[2] is None and again[4] == lam and torch.equal(again[1], ms)  # the seed fixes the draw
+    y, z = torch.tensor([0, 1, 1, 0, 1, 0]), torch.randn(6, 2)
+    ce = torch.nn.CrossEntropyLoss()
+    torch.testing.assert_close(mixed_loss(ce, z, y, (perm, lam)), lam * ce(z, y) + (1 - lam) * ce(z, y[perm]))
+    assert mixed_loss(ce, z, y, None) == ce(z, y)
+
+
+def test_mixup_trains_another_model_and_is_recorded(toy, tmp_path):
+    ds, url = toy
+    for name, mix in (("plain", 0.0), ("mixed", 0.4), ("again", 0.4)):
+        train_classifier(_cfg(url, tmp_path / name, model="slca", epochs=1, mixup=mix), dataset=ds, progress=False)
+    plain, mixed, again = (load_checkpoint(tmp_path / r / "model.pt") for r in ("plain", "mixed", "again"))
+    assert mixed["config"]["mixup"] == 0.4 and plain["config"]["mixup"] == 0.0
+    weights = [k for k, v in plain["state_dict"].items() if v.is_floating_point()]
+    assert any(not torch.equal(plain["state_dict"][k], mixed["state_dict"][k]) for k in weights)
+    assert all(torch.equal(again["state_dict"][k], mixed["state_dict"][k]) for k in weights)  # seeded
+    with pytest.raises(ValueError, match="--mixup -1"):
+        ClassifyConfig(store=url, out=str(tmp_path / "bad"), mixup=-1.0).check()
 
 
 def test_augment_lists_take_commas_or_plus_signs():

@@ -1,10 +1,12 @@
 """Batch augmentation that keeps the image and the SAM embedding grid aligned: flips and
 90-degree rotations are applied to both (they share a field of view, see
-``data.prepare_image``); photometric changes touch the image only."""
+``data.prepare_image``); photometric changes touch the image only; mixup blends pairs of
+samples, image, SAM grid and labels with one weight."""
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from stages.classify.data import IMAGE_MEAN, IMAGE_STD
@@ -59,3 +61,32 @@ def augment(image: torch.Tensor | None, sam: torch.Tensor | None, modes: Sequenc
         m = raw.mean(dim=(1, 2, 3), keepdim=True)
         image = (((raw - m) * c + m + d).clamp(0, 1) - mean) / std
     return image, sam
+
+
+def mixup(image: torch.Tensor | None, sam: torch.Tensor | None, prior: torch.Tensor | None, alpha: float,
+          gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                         torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018) of a batch: ``lam`` ~ Beta(alpha, alpha) and a random pairing
+    ``perm``; the image, the SAM grid and the stacked prior logits (when given) all become
+    ``lam * x + (1 - lam) * x[perm]``, and the loss ``lam * CE(y) + (1 - lam) * CE(y[perm])``
+    (``mixed_loss``). The SAM grid is mixed as features (the encoder is never run again), as
+    manifold mixup mixes hidden features. Draws come from ``gen``, so an epoch is reproducible.
+    Returns (image, sam, prior, perm, lam)."""
+    ref = image if image is not None else sam
+    b = ref.shape[0]
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(b, generator=gen).to(ref.device)
+
+    def mix(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else lam * x + (1 - lam) * x[perm]
+
+    return mix(image), mix(sam), mix(prior), perm, lam
+
+
+def mixed_loss(criterion, logits: torch.Tensor, y: torch.Tensor, mix: tuple[torch.Tensor, float] | None):
+    """``criterion(logits, y)``, or with ``mix = (perm, lam)`` its mixup form."""
+    if mix is None:
+        return criterion(logits, y)
+    perm, lam = mix
+    return lam * criterion(logits, y) + (1 - lam) * criterion(logits, y[perm])

@@ -69,6 +69,7 @@ class ClassifyConfig:
     clip_grad: float = 1.0
     precise_bn: int = 2048
     augment: str = "flip"
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup on image, SAM grid and label; 0: off
     train_fraction: float = 1.0
     seed: int = 0
     split_seed: int = 0
@@ -105,6 +106,8 @@ class ClassifyConfig:
             raise ValueError(f"--slca-lr-mult {self.slca_lr_mult}: must be positive")
         if self.patience < 0 or self.warmup_epochs < 0 or self.slca_window < 0 or self.precise_bn < 0:
             raise ValueError("--patience, --warmup-epochs, --slca-window and --precise-bn must be 0 or more")
+        if self.mixup < 0:
+            raise ValueError(f"--mixup {self.mixup}: must be 0 (off) or a positive Beta alpha, e.g. 0.2")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"--train-fraction {self.train_fraction}: must be in (0, 1]")
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.classify.augment import augment, parse_augment
+from stages.classify.augment import augment, mixed_loss, mixup, parse_augment
 from stages.classify.config import ClassifyConfig, check_init, init_kwargs, model_kwargs
 from stages.classify.data import ClassifyData, Prepared, auto_img_size, make_loader
 from stages.classify.metrics import classification_metrics
@@ -117,17 +117,26 @@ class ClassifyTrainer(Trainer):
         if self.sam_fn is not None:
             sam = self.sam_fn(batch)
         image, sam = augment(image, sam, self.modes, self.gen)
-        extra = {} if self.oof is None else {"prior": self.oof[batch["pos"]].to(self.device)}
+        prior = None if self.oof is None else self.oof[batch["pos"]].to(self.device)
+        mix = None
+        if self.cfg.mixup > 0:
+            image, sam, prior, perm, lam = mixup(image, sam, prior, self.cfg.mixup, self.gen)
+            mix = (perm, lam)
+        extra = {} if prior is None else {"prior": prior}
+
+        def task_loss(z: torch.Tensor) -> torch.Tensor:
+            return mixed_loss(self.criterion, z.float(), y, mix)
+
         with self.amp.autocast():
             if not self.aux:
-                return self.criterion(self.net(image, sam, **extra).float(), y), len(y), {}
+                return task_loss(self.net(image, sam, **extra)), len(y), {}
             logits, aux = self.net(image, sam, aux=True, **extra)
-            loss = self.criterion(logits.float(), y) if self.sum_loss else 0.0
+            loss = task_loss(logits) if self.sum_loss else 0.0
             if "distill" in self.aux:
                 loss = loss + self.aux["distill"] * aux["distill"]
             for part in ("branch", "image"):  # deep supervision: a part must classify on its own too
                 if part in self.aux:
-                    loss = loss + self.aux[part] * self.criterion(aux[part].float(), y)
+                    loss = loss + self.aux[part] * task_loss(aux[part])
             return loss, len(y), {}
 
     def after_epoch(self, epoch: int) -> None:
