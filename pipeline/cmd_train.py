@@ -35,6 +35,9 @@ SEGMENT_ONLY = ("head", "labeled_volumes", "sam_checkpoint")
 # parameter name -> config field, where they differ
 RENAMED = {"from_cache": "store", "option": "dataset_options", "sam_head_width": "head_width",
            "class_weights": "class_weighting"}
+Mixup = Annotated[float, typer.Option(
+    "--mixup", help="Mixup's Beta alpha (e.g. 0.2): pairs of training samples blended, image, SAM grid and label "
+                    "alike (0: off).")]
 # the two loss options share one signature line (the signature stays within the size rule)
 SlcaImageSup = Annotated[float, typer.Option(
     "--slca-image-sup", help="slca: weight of a cross-entropy on the image part's own logits (the SLCA-steered "
@@ -84,11 +87,10 @@ def train(
     warmup_epochs: int = typer.Option(1, "--warmup-epochs", help="Linear warmup before the cosine decay."),
     patience: Annotated[Optional[int], opt.patience("Early stopping: epochs without a better val AUC (0: never; default 10).")] = None,
     class_weights: bool = typer.Option(True, "--class-weights/--no-class-weights", help="Weight the loss by inverse class frequency."),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing"), mixup: Mixup = 0.0,
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient norm clip (0: off)."),
     precise_bn: int = typer.Option(2048, "--precise-bn", help="Before each validation, re-estimate BatchNorm statistics on up to this many training samples (0: off; matters with few labels)."),
     augment: str = typer.Option("flip", "--augment", help="Comma (or +) list: none, flip, rot (flips and 90-degree turns; image and SAM grid alike), photometric (image only)."),
-    mixup: float = typer.Option(0.0, "--mixup", help="Mixup's Beta alpha (e.g. 0.2): pairs of training samples blended, image, SAM grid and label alike (0: off)."),
     train_fraction: float = typer.Option(1.0, "--train-fraction", help="Stratified, seeded fraction of the training split (data-efficiency studies)."),
     seed: Annotated[int, opt.seed("Seed of initialisation, order, augmentation and --train-fraction.")] = 0,
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the split for datasets without official splits."),
