@@ -2,8 +2,8 @@
 
     python benchmarks/bench_shift.py results/slca/chest_xray_full results/slca/blood_pbc_full ...
 
-Each argument is a ``pipeline compare --out`` folder; the splits are the ones its first run
-was trained on (model.pt's record, sample ids). A domain classifier (standardised logistic
+Each argument is a ``pipeline compare --out`` folder; the splits are the ones a run of it at
+fraction 1 was trained on (model.pt's record, sample ids). A domain classifier (standardised logistic
 regression, 5-fold stratified cross-validation) tells the test images from the train+val
 images, within each class, so that a test split with another class balance is not counted
 as a shift; the table gives its AUC (mean over classes; 0.5: indistinguishable) on three
