@@ -24,6 +24,7 @@ def evaluate(
     device: opt.Device = "auto",
     batch_size: Annotated[int, opt.batch_size()] = 64,
     in_memory: opt.InMemory = False,
+    tta: opt.Tta = False,
     as_json: Annotated[bool, opt.as_json("Print metrics as JSON.")] = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -42,6 +43,8 @@ def evaluate(
         raise ValueError(f"{model}: no training store recorded; pass --store")
     common = dict(split=split, kind=dataset, data_root=str(data_root) if data_root else None, device=device,
                   dataset_options=opt.parse_options(option, "--option"))
+    if tta and task != "classify":
+        raise ValueError(f"{model}: --tta is for classifiers; this model.pt holds a {task!r} model")
     if task == "segment":
         from stages.segment.evaluate import evaluate_saved, format_scores
 
@@ -51,7 +54,7 @@ def evaluate(
         from stages.classify.evaluate import evaluate_classifier, format_metrics
 
         metrics = evaluate_classifier(model, store, out, **common, batch_size=batch_size, in_memory=in_memory,
-                                      progress=not quiet)
+                                      progress=not quiet, tta=tta)
         text = format_metrics({k: v for k, v in metrics.items() if isinstance(v, dict)})
     else:
         raise StoreError(f"{model}: unknown task {task!r}; not a model.pt written by `pipeline train`")

@@ -21,6 +21,7 @@ def predict(
     device: opt.Device = "auto",
     checkpoint: Annotated[Optional[Path], opt.checkpoint("Encoder weights, when the path recorded at extraction is not on this machine.")] = None,
     batch_size: Annotated[int, opt.batch_size()] = 8,
+    tta: opt.Tta = False,
 ) -> None:
     """Run a saved model on new files end to end (encoder -> model). A classifier prints class
     probabilities; a segmentation head writes a label mask at each input's own size and an
@@ -29,6 +30,8 @@ def predict(
 
     ckpt = str(checkpoint) if checkpoint else None
     if load_checkpoint(model).get("task") == "segment":
+        if tta:
+            raise ValueError(f"{model}: --tta is for classifiers; this model.pt holds a segmentation head")
         from stages.segment.predict import FORMATS, format_counts, predict_segmentation
 
         if out is None:
@@ -45,5 +48,5 @@ def predict(
     from stages.classify.predict import format_predictions, predict_files
 
     classes, probs = predict_files(model, [str(p) for p in images], device=device, checkpoint=ckpt,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, tta=tta)
     print(format_predictions(images, classes, probs, fmt))

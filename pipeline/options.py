@@ -148,6 +148,12 @@ def in_memory(help: str = "Load the embeddings into RAM first (2 MiB per sample)
     return typer.Option("--in-memory", help=help)
 
 
+def tta(help: str = "Classifiers: average the logits over the flips (with --augment rot, also the 90-degree "
+        "rotations) the model was trained on, applied to the image and the SAM grid together "
+        "(test-time augmentation; 4 or 8 forward passes per image).") -> OptionInfo:
+    return typer.Option("--tta", help=help)
+
+
 def quiet(help: Optional[str] = "No progress on stderr.") -> OptionInfo:
     return typer.Option("--quiet", "-q", help=help)
 
@@ -164,3 +170,4 @@ Precision = Annotated[str, precision()]
 Workers = Annotated[int, workers()]
 InMemory = Annotated[bool, in_memory()]
 Quiet = Annotated[bool, quiet()]
+Tta = Annotated[bool, tta()]

@@ -1,7 +1,8 @@
 """Batch augmentation that keeps the image and the SAM embedding grid aligned: flips and
 90-degree rotations are applied to both (they share a field of view, see
 ``data.prepare_image``); photometric changes touch the image only; mixup blends pairs of
-samples, image, SAM grid and labels with one weight."""
+samples, image, SAM grid and labels with one weight; ``tta_views`` lists the symmetries a
+model was trained on, for test-time augmentation."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -43,11 +44,7 @@ def augment(image: torch.Tensor | None, sam: torch.Tensor | None, modes: Sequenc
         k = torch.randint(0, 4, (b,), generator=gen) if "rot" in modes else torch.zeros(b, dtype=torch.long)
 
         def geo(x: torch.Tensor, i: int) -> torch.Tensor:
-            if hf[i]:
-                x = x.flip(-1)
-            if vf[i]:
-                x = x.flip(-2)
-            return torch.rot90(x, int(k[i]), dims=(-2, -1)) if k[i] else x
+            return transform(x, (bool(hf[i]), bool(vf[i]), int(k[i])))
 
         if image is not None:
             image = torch.stack([geo(image[i], i) for i in range(b)])
@@ -61,6 +58,34 @@ def augment(image: torch.Tensor | None, sam: torch.Tensor | None, modes: Sequenc
         m = raw.mean(dim=(1, 2, 3), keepdim=True)
         image = (((raw - m) * c + m + d).clamp(0, 1) - mean) / std
     return image, sam
+
+
+View = tuple[bool, bool, int]  # (horizontal flip, vertical flip, quarter turns), applied in that order
+
+
+def transform(x: torch.Tensor | None, view: View) -> torch.Tensor | None:
+    """One symmetry of the square on the last two axes of ``x`` (None stays None)."""
+    if x is None:
+        return None
+    hf, vf, k = view
+    if hf:
+        x = x.flip(-1)
+    if vf:
+        x = x.flip(-2)
+    return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
+def tta_views(modes: Sequence[str]) -> tuple[View, ...]:
+    """The symmetries test-time augmentation averages over: those the model was trained on
+    (``--augment``): the 4 flips (identity, horizontal, vertical, both) for ``flip``, the 8
+    symmetries of the square for ``rot``. A model trained on neither never saw a flipped
+    input, so averaging over flips would score it on views it never learnt: refused."""
+    if "rot" in modes:
+        return tuple((h, False, k) for h in (False, True) for k in range(4))
+    if "flip" in modes:
+        return tuple((h, v, 0) for h in (False, True) for v in (False, True))
+    raise ValueError("--tta: this model was trained without flips or rotations (--augment); test-time "
+                     "augmentation averages over the symmetries a model was trained on, so leave --tta off")
 
 
 def mixup(image: torch.Tensor | None, sam: torch.Tensor | None, prior: torch.Tensor | None, alpha: float,

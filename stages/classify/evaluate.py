@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cache import FeatureStore, SignatureMismatchError
+from stages.classify.augment import View, parse_augment, tta_views
 from stages.classify.data import ClassifyData, Prepared, make_loader
 from stages.common.jsonio import write_json
 from stages.classify.scoring import score_and_write
@@ -42,11 +43,14 @@ def evaluate_classifier(model_path: str | Path, store: str, out: str | Path | No
                         dataset: Dataset | None = None, kind: str | None = None, data_root: str | None = None,
                         dataset_options: dict[str, Any] | None = None, device: str = "auto",
                         precision: str = "auto", batch_size: int = 64, workers: int = -1,
-                        in_memory: bool = False, plots: bool = True, progress: bool = True) -> dict[str, Any]:
+                        in_memory: bool = False, plots: bool = True, progress: bool = True,
+                        tta: bool = False) -> dict[str, Any]:
     """Score ``model_path`` on ``split`` of ``store``; returns {split: metrics}. With ``out``,
-    writes metrics.json, predictions.csv and the figures there."""
+    writes metrics.json, predictions.csv and the figures there. ``tta``: average the logits
+    over the symmetries the model was trained on (``saved_views``)."""
     dev = resolve_device(device)
     net, saved = load_classifier(model_path, dev)
+    views = saved_views(saved) if tta else ()
     fs = FeatureStore(store)
     check_encoder(saved, fs, model_path)
     classes = list(saved["classes"])
@@ -67,15 +71,20 @@ def evaluate_classifier(model_path: str | Path, store: str, out: str | Path | No
     target = Path(out) if out else None
     if target:
         target.mkdir(parents=True, exist_ok=True)
-        metrics = score_and_write(net, {split: (rows, loader)}, prep, dev, amp, target, plots)
-        write_json({**metrics, "model": str(model_path), "store": str(store)}, target / "metrics.json")
+        metrics = score_and_write(net, {split: (rows, loader)}, prep, dev, amp, target, plots, views=views)
+        write_json({**metrics, "model": str(model_path), "store": str(store), "tta": tta}, target / "metrics.json")
     else:
         from stages.classify.metrics import classification_metrics
         from stages.classify.scoring import predict_loader
 
-        probs, _ = predict_loader(net, loader, dev, amp)
+        probs, _ = predict_loader(net, loader, dev, amp, views=views)
         metrics = {split: classification_metrics(fs.labels[rows], probs, classes)}
     return metrics
+
+
+def saved_views(saved: dict[str, Any]) -> tuple[View, ...]:
+    """The test-time augmentation views of a saved model: the symmetries of its ``--augment``."""
+    return tta_views(parse_augment(saved.get("config", {}).get("augment", "flip")))
 
 
 def _rows(saved: dict[str, Any], store: FeatureStore, usable: np.ndarray, split: str) -> np.ndarray:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from stages.classify.data import prepare_image
-from stages.classify.evaluate import load_classifier
+from stages.classify.evaluate import load_classifier, saved_views
+from stages.classify.scoring import view_logits
 from stages.common.joined import saved_store, store_encoder
 from stages.classify.metrics import safe_name
 from stages.common.geometry import saved_geometry
@@ -29,11 +30,13 @@ FORMATS = ("table", "csv", "json")
 
 @torch.no_grad()
 def predict_files(model_path: str | Path, paths: Sequence[str | Path], device: str = "auto",
-                  checkpoint: str | None = None, batch_size: int = 8, precision: str = "auto"
-                  ) -> tuple[list[str], np.ndarray]:
-    """Class names and probabilities (N,K) for the image files ``paths``."""
+                  checkpoint: str | None = None, batch_size: int = 8, precision: str = "auto",
+                  tta: bool = False) -> tuple[list[str], np.ndarray]:
+    """Class names and probabilities (N,K) for the image files ``paths``; ``tta``: averaged
+    over the symmetries the model was trained on (``evaluate.saved_views``)."""
     dev = resolve_device(device)
     net, saved = load_classifier(model_path, dev)
+    views = saved_views(saved) if tta else ()
     if not paths:
         raise ValueError("no image files given; pass one or more PNG/JPEG/TIFF/BMP/.npy paths")
     enc = store_encoder(saved_store(saved), dev, checkpoint) if net.uses_sam else None
@@ -44,7 +47,7 @@ def predict_files(model_path: str | Path, paths: Sequence[str | Path], device: s
         raw = [read_image(p) for p in paths[a:a + batch_size]]
         image = torch.stack([prepare_image(r, size, geometry) for r in raw]).to(dev) if net.uses_image else None
         sam = enc.forward(torch.stack([enc.prepare(r) for r in raw]).to(dev), amp_dtype=amp) if enc else None
-        logits = net(image, sam).float()
+        logits = view_logits(net, image, sam, views)
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())
     return list(saved["classes"]), np.concatenate(probs)
 

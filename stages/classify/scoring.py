@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from stages.classify.augment import View, transform
 from stages.classify.data import IMAGE_MEAN, IMAGE_STD, Prepared, prepare_image
 from stages.classify.metrics import classification_metrics, confusion, safe_name
 from stages.common.geometry import input_geometry
@@ -22,25 +23,37 @@ def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor
     return image, sam, batch["label"].to(device, non_blocking=nb)
 
 
+def view_logits(net: nn.Module, image: torch.Tensor | None, sam: torch.Tensor | None,
+                views: Sequence[View] = ()) -> torch.Tensor:
+    """(B,K) float32 logits of ``net``; with ``views`` (``augment.tta_views``), their mean over
+    those symmetries applied to the image and the SAM grid together (test-time augmentation).
+    Logits, not probabilities, are averaged, so a blended prior adds to the mean as it adds
+    to each view (the pooled prior is the same for every view)."""
+    if not views:
+        return net(image, sam).float()
+    return torch.stack([net(transform(image, v), transform(sam, v)).float() for v in views]).mean(0)
+
+
 @torch.no_grad()
-def iter_logits(net: nn.Module, loader, device: torch.device, amp: Amp):
+def iter_logits(net: nn.Module, loader, device: torch.device, amp: Amp, views: Sequence[View] = ()):
     """Per batch of ``loader``, in eval mode: (positions (B,), float32 logits (B,K), labels (B,),
     SAM input or None), the one forward loop of scoring, validation and blending."""
     net.eval()
     for batch in loader:
         image, sam, y = to_device(batch, device)
         with amp.autocast():
-            logits = net(image, sam)
+            logits = view_logits(net, image, sam, views)
         yield batch["pos"], logits.float(), y, sam
 
 
 def predict_loader(net: nn.Module, loader, device: torch.device, amp: Amp,
-                   criterion: nn.Module | None = None) -> tuple[np.ndarray, float]:
-    """Class probabilities (N,K) in dataset position order, and the mean loss."""
+                   criterion: nn.Module | None = None, views: Sequence[View] = ()) -> tuple[np.ndarray, float]:
+    """Class probabilities (N,K) in dataset position order, and the mean loss; ``views``:
+    test-time augmentation (``view_logits``)."""
     n = len(loader.dataset)
     probs: np.ndarray | None = None
     total, count = 0.0, 0
-    for pos, logits, y, _ in iter_logits(net, loader, device, amp):
+    for pos, logits, y, _ in iter_logits(net, loader, device, amp, views):
         if criterion is not None:
             total += float(criterion(logits, y)) * len(y)
             count += len(y)
@@ -52,14 +65,16 @@ def predict_loader(net: nn.Module, loader, device: torch.device, amp: Amp,
 
 
 def score_and_write(net: nn.Module, parts: dict[str, tuple[np.ndarray, Any]], prep: Prepared, device, amp: Amp,
-                    out: Path, plots: bool = True, attention_images: int = 6) -> dict[str, Any]:
-    """Score each split, write predictions.csv and the figures; returns {split: metrics}."""
+                    out: Path, plots: bool = True, attention_images: int = 6,
+                    views: Sequence[View] = ()) -> dict[str, Any]:
+    """Score each split (``views``: test-time augmentation), write predictions.csv and the
+    figures; returns {split: metrics}."""
     st, classes = prep.joined.store, prep.classes
     metrics: dict[str, Any] = {}
     rows_out = []
     results = {}
     for split, (rows, ldr) in parts.items():
-        probs, _ = predict_loader(net, ldr, device, amp)
+        probs, _ = predict_loader(net, ldr, device, amp, views=views)
         y = st.labels[rows]
         metrics[split] = classification_metrics(y, probs, classes)
         results[split] = (rows, y, probs)
