@@ -126,3 +126,14 @@ def test_bench_tta_scores_a_compare_folder_both_ways(toy, tmp_path):
     margin = np.mean([scores["f1", "slca"][s]["test_tta"] - scores["f1", "backbone"][s]["test_tta"]
                       for s in ("s0", "s1")])
     assert f"{margin:+.3f}" in lines[-1].split("|")[8]
+
+
+def test_tta_on_a_segmentation_model_is_one_error_line(tmp_path):
+    """Refused before any store or image is read (a model.pt carrying only its task and store)."""
+    model = tmp_path / "model.pt"
+    torch.save({"task": "segment", "store": {"url": str(tmp_path / "none.zarr")}}, model)
+    runner = CliRunner()
+    for args in (["evaluate", str(model), "--tta"], ["predict", str(model), str(tmp_path / "x.png"), "--tta"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "--tta is for classifiers" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
