@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: timing, medians, peak RSS, machine, tables.
+"""Shared helpers of the benchmark scripts: timing, medians, peak RSS, machine, tables, and
+the store of a ``pipeline compare`` folder.
 
 Results go to stdout, progress notes to stderr.
 """
@@ -118,3 +119,18 @@ def gpu_bf16_peak(name: str) -> float | None:
         if key in name:
             return value
     return None
+
+
+def compare_store(folder: Path, dataset=None):
+    """The ``Joined`` store and dataset of a ``pipeline compare --out`` folder, the dataset
+    reopened from the store's provenance unless given (tests); exits with one line when
+    ``folder`` is not such a folder."""
+    import json
+
+    from cache import FeatureStore
+    from stages.common.joined import open_joined
+
+    path = Path(folder) / "compare.json"
+    if not path.is_file():
+        sys.exit(f"error: {folder}: no compare.json; pass a `pipeline compare --out` folder")
+    return open_joined(FeatureStore(json.loads(path.read_text())["store"]), dataset)

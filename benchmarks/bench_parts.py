@@ -30,6 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._util import compare_store  # noqa: E402
+
 RULES = ("auc", "loss", "drop")
 PARTS = ("image", "branch", "sam parts")
 
@@ -135,12 +139,9 @@ def run_parts(run: Path, joined, weights: tuple[float, ...]) -> dict[str, float]
 
 def folder_table(folder: Path, model: str = "slca") -> dict[str, dict[str, Any]]:
     """Fraction folder name (f0.1, f1) -> {column: [values over seeds]}, with the reference models."""
-    from cache import FeatureStore
     from stages.classify.probe import BLEND_WEIGHTS
-    from stages.common.joined import open_joined
 
-    info = json.loads((folder / "compare.json").read_text())
-    joined = open_joined(FeatureStore(info["store"]), None, None, None, None)
+    joined = compare_store(folder)
     out: dict[str, dict[str, Any]] = {}
     for run in sorted((folder / "runs" / model).glob("f*/s*")):
         if not (run / "metrics.json").is_file():
@@ -176,8 +177,6 @@ def main() -> None:
     print("| folder, fraction | seeds | " + " | ".join(columns) + " | w (auc / loss) | drop chose sam parts |")
     print("|---|---:|" + "---:|" * (len(columns) + 2))
     for folder in args.folders:
-        if not (folder / "compare.json").is_file():
-            sys.exit(f"error: {folder}: no compare.json; pass a `pipeline compare --out` folder")
         for frac, cols in folder_table(folder, args.model).items():
             cells = " | ".join(_cell(cols[k]) if cols.get(k) else "-" for k in keys)
             ws = " ".join(f"{a:g}/{b:g}" for a, b in zip(cols["w_auc"], cols["w_loss"]))

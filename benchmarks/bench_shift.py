@@ -19,23 +19,25 @@ of the same sizes: the AUC that sample noise alone reaches. Reads only; CPU, a m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._util import compare_store  # noqa: E402
+
 VIEWS = ("SAM", "pixels", "intensity")
 
 
-def run_splits(folder: Path) -> tuple[str, dict[str, list[str]]]:
-    """(store URL, split -> sample ids) of a run of the folder trained on every label (at a
-    lower fraction the training split is a subset)."""
+def run_splits(folder: Path) -> dict[str, list[str]]:
+    """Split -> sample ids of a run of the folder trained on every label (at a lower fraction
+    the training split is a subset)."""
     from stages.common.training import load_checkpoint
 
-    info = json.loads((folder / "compare.json").read_text())
     for model in sorted((folder / "runs").glob("*/f1/s*/model.pt")):
-        return info["store"], load_checkpoint(model)["splits"]
+        return load_checkpoint(model)["splits"]
     sys.exit(f"error: {folder}: no run at fraction 1 (--fractions 1.0); the splits come from one")
 
 
@@ -83,11 +85,8 @@ def domain_auc(x: np.ndarray, domain: np.ndarray, labels: np.ndarray, seed: int 
 def folder_row(folder: Path, dataset=None) -> dict[str, float]:
     """Domain AUC per view, the null, and the image counts, for one compare folder (its
     dataset reopened from the store's provenance unless given)."""
-    from cache import FeatureStore
-    from stages.common.joined import open_joined
-
-    url, splits = run_splits(folder)
-    joined = open_joined(FeatureStore(url), dataset)
+    joined = compare_store(folder, dataset)
+    splits = run_splits(folder)
     store = joined.store
     seen = store.index(splits["train"] + splits["val"])
     test = store.index(splits["test"])
@@ -112,8 +111,6 @@ def main() -> None:
     print("| set (compare folder) | train+val / test images | domain AUC: SAM | pixels | intensity | null (SAM, random halves) |")
     print("|---|---:|---:|---:|---:|---:|")
     for folder in args.folders:
-        if not (folder / "compare.json").is_file():
-            sys.exit(f"error: {folder}: no compare.json; pass a `pipeline compare --out` folder")
         r = folder_row(folder)
         print(f"| {folder} | {r['seen']} / {r['test']} | {r['SAM']:.3f} | {r['pixels']:.3f} | "
               f"{r['intensity']:.3f} | {r['null']:.3f} |", flush=True)

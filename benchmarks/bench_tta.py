@@ -21,6 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._util import compare_store  # noqa: E402
+
 
 def score_run(run: Path, joined, cache: dict) -> dict[str, float]:
     """{"val", "val_tta", "test", "test_tta"}: macro AUC of one run, as trained and with TTA."""
@@ -50,11 +54,7 @@ def score_run(run: Path, joined, cache: dict) -> dict[str, float]:
 def folder_scores(folder: Path, models: list[str], dataset=None) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
     """(fraction folder, model) -> {seed folder: score_run}, over the runs that finished;
     ``dataset`` overrides the store's recorded one (tests)."""
-    from cache import FeatureStore
-    from stages.common.joined import open_joined
-
-    info = json.loads((folder / "compare.json").read_text())
-    joined = open_joined(FeatureStore(info["store"]), dataset, None, None, None)
+    joined = compare_store(folder, dataset)
     cache: dict = {}
     scores: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     for model in models:
@@ -112,8 +112,6 @@ def main() -> None:
           "Δ test (paired) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for folder in args.folders:
-        if not (folder / "compare.json").is_file():
-            sys.exit(f"error: {folder}: no compare.json; pass a `pipeline compare --out` folder")
         for line in tables(folder.name, folder_scores(folder, models), models):
             print(line, flush=True)
 

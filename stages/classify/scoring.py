@@ -42,8 +42,8 @@ def iter_logits(net: nn.Module, loader, device: torch.device, amp: Amp, views: S
     for batch in loader:
         image, sam, y = to_device(batch, device)
         with amp.autocast():
-            logits = view_logits(net, image, sam, views)
-        yield batch["pos"], logits.float(), y, sam
+            logits = view_logits(net, image, sam, views)  # float32 already
+        yield batch["pos"], logits, y, sam
 
 
 def predict_loader(net: nn.Module, loader, device: torch.device, amp: Amp,
