@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -189,6 +190,59 @@ def prepare_run_folder(path: str | os.PathLike, *, outputs: Sequence[str], marke
         elif target.is_file():
             target.unlink()
     return out
+
+
+def prepare_output_folder(path: str | os.PathLike, *, outputs: Sequence[str], marker: str, is_ours,
+                          overwrite: bool, command: str, flag: str = "--out") -> Path:
+    """Make ``path`` ready for a command that writes a few files into a folder of the user's
+    choosing, and return it. Used as it is when absent or empty. A folder holding only an
+    earlier output of ``command`` (entries matching ``outputs``, fnmatch patterns where a name
+    ending in "/" is a folder of our PNGs, beside a ``marker`` file that ``is_ours``
+    recognises) is refused, or with ``overwrite`` emptied of those entries. Anything else in
+    it is refused, with or without ``overwrite``: nothing is written beside a file we did not
+    write, which the command's outputs could replace or (a history.csv) read."""
+    out = check_folder_target(path, flag)
+    entries = sorted(out.iterdir()) if out.exists() else []
+    if not entries:
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def ours(entry: Path) -> bool:
+        for pattern in outputs:
+            if pattern.endswith("/"):
+                if entry.name == pattern[:-1] and entry.is_dir() and all(
+                        f.is_file() and f.suffix == ".png" for f in entry.iterdir()):
+                    return True
+            elif entry.is_file() and fnmatch(entry.name, pattern):
+                return True
+        return False
+
+    foreign = [e.name for e in entries if not ours(e)]
+    if not foreign and not ((out / marker).is_file() and is_ours(out / marker)):
+        foreign = [marker if (out / marker).exists() else entries[0].name]
+    if foreign:
+        raise ForeignPathError(f"{out / foreign[0]}: not written by `{command}`; nothing was changed, "
+                               f"choose a new or empty {flag}")
+    if not overwrite:
+        raise ForeignPathError(f"{out}: holds an earlier `{command}` output; choose another {flag} or pass "
+                               "--overwrite to replace it")
+    for entry in entries:
+        if entry.is_dir():
+            for f in entry.glob("*.png"):
+                f.unlink()
+            entry.rmdir()
+        else:
+            entry.unlink()
+    return out
+
+
+def is_json_with_keys(path: Path, keys: Iterable[str]) -> bool:
+    """A JSON object holding every one of ``keys`` (how we recognise our metrics.json files)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
 
 
 def is_text_with_header(path: Path, header: str) -> bool:

@@ -16,7 +16,8 @@ from .app import app, handle_errors
 def evaluate(
     model: Path = typer.Argument(..., help="model.pt written by `pipeline train`."),
     store: Annotated[Optional[str], opt.from_cache("Feature store to score on (default: the training store).", alias="--store")] = None,
-    out: Annotated[Optional[Path], opt.out("Folder for metrics.json, predictions.csv and figures (optional for classification).")] = None,
+    out: Annotated[Optional[Path], opt.out("Folder for metrics.json, predictions.csv and figures (optional for classification): new or empty, or an earlier evaluation with --overwrite.")] = None,
+    overwrite: Annotated[bool, opt.overwrite("Replace an earlier evaluation in --out (its own files only); a folder holding anything else is refused either way.")] = False,
     split: str = typer.Option("test", "--split", help="train, val, test, or all. On the training store, the training run's own split."),
     dataset: opt.StoreDataset = None,
     data_root: opt.StoreDataRoot = None,
@@ -48,13 +49,13 @@ def evaluate(
     if task == "segment":
         from stages.segment.evaluate import evaluate_saved, format_scores
 
-        metrics = evaluate_saved(model, store, out, **common)
+        metrics = evaluate_saved(model, store, out, **common, overwrite=overwrite)
         text = format_scores(metrics)
     elif task == "classify":
         from stages.classify.evaluate import evaluate_classifier, format_metrics
 
         metrics = evaluate_classifier(model, store, out, **common, batch_size=batch_size, in_memory=in_memory,
-                                      progress=not quiet, tta=tta)
+                                      progress=not quiet, tta=tta, overwrite=overwrite)
         text = format_metrics({k: v for k, v in metrics.items() if isinstance(v, dict)})
     else:
         raise StoreError(f"{model}: unknown task {task!r}; not a model.pt written by `pipeline train`")

@@ -277,6 +277,38 @@ def test_summarize_and_report_replace_their_own_files_only(probe_run, tmp_path, 
         assert user_file.read_text() == "keep"
 
 
+def test_evaluate_writes_only_into_a_new_empty_or_its_own_folder(probe_run, synthetic_store, tmp_path,
+                                                                  user_folder, user_file):
+    """`evaluate --out` (either task) refuses a folder holding anything it did not write, even a
+    file of its own names, with or without --overwrite; its own earlier output is replaced
+    only with --overwrite, and nothing beside it is touched."""
+    import torch
+
+    seg = tmp_path / "seg.pt"  # reaches segmentation's own --out check (no head needed before it)
+    torch.save({"task": "segment", "store": {"url": str(synthetic_store)}}, seg)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text("my numbers")
+    for model in (probe_run / "model.pt", seg):
+        for extra in ([], ["--overwrite"]):
+            for folder, named in ((user_folder, user_folder / "thesis.docx"), (mine, mine / "metrics.json"),
+                                  (user_file, user_file)):
+                before = snapshot(folder)
+                refused(cli("evaluate", model, "--out", folder, "-q", *extra), named)
+                assert snapshot(folder) == before
+    out = tmp_path / "ev"
+    assert cli("evaluate", probe_run / "model.pt", "--out", out, "-q").exit_code == 0
+    first = snapshot(out)
+    assert {"metrics.json", "predictions.csv", "confusion_test.png"} <= set(first)
+    refused(cli("evaluate", probe_run / "model.pt", "--out", out, "-q"), out)
+    assert snapshot(out) == first
+    assert cli("evaluate", probe_run / "model.pt", "--out", out, "--overwrite", "-q").exit_code == 0
+    assert set(snapshot(out)) == set(first)
+    (out / "notes.txt").write_text("mine")
+    refused(cli("evaluate", probe_run / "model.pt", "--out", out, "--overwrite", "-q"), out / "notes.txt")
+    assert (out / "notes.txt").read_text() == "mine" and set(snapshot(out)) == set(first) | {"notes.txt"}
+
+
 def test_failures_report_never_replaces_a_foreign_file(tmp_path):
     from stages.extract.failures import write_failures_report
 

@@ -25,9 +25,14 @@ from stages.classify.train import MODEL_FORMAT
 from stages.common.geometry import saved_geometry
 from stages.common.joined import check_encoder, open_joined
 from stages.common.runtime import loader_workers, resolve_device, resolve_precision
+from stages.common.trainer import evaluation_folder
 from stages.common.training import Amp, load_checkpoint
 from stages.datasets.base import Dataset
 from stages.models import create_model
+
+# what `pipeline evaluate --out` writes for a classifier (``scoring.score_and_write``)
+OUTPUTS = ("metrics.json", "predictions.csv", "confusion_*.png", "roc_*.png", "slca_gates.json", "slca_attention.png")
+
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """model.pt -> (network in eval mode on ``device``, the saved dict)."""
@@ -44,13 +49,15 @@ def evaluate_classifier(model_path: str | Path, store: str, out: str | Path | No
                         dataset_options: dict[str, Any] | None = None, device: str = "auto",
                         precision: str = "auto", batch_size: int = 64, workers: int = -1,
                         in_memory: bool = False, plots: bool = True, progress: bool = True,
-                        tta: bool = False) -> dict[str, Any]:
-    """Score ``model_path`` on ``split`` of ``store``; returns {split: metrics}. With ``out``,
-    writes metrics.json, predictions.csv and the figures there. ``tta``: average the logits
-    over the symmetries the model was trained on (``saved_views``)."""
+                        tta: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Score ``model_path`` on ``split`` of ``store``; returns {split: metrics}. With ``out``
+    (new, empty, or with ``overwrite`` an earlier evaluation: ``evaluation_folder``), writes
+    metrics.json, predictions.csv and the figures there. ``tta``: average the logits over
+    the symmetries the model was trained on (``saved_views``)."""
     dev = resolve_device(device)
     net, saved = load_classifier(model_path, dev)
     views = saved_views(saved) if tta else ()
+    target = evaluation_folder(out, OUTPUTS, overwrite) if out else None
     fs = FeatureStore(store)
     check_encoder(saved, fs, model_path)
     classes = list(saved["classes"])
@@ -68,9 +75,7 @@ def evaluate_classifier(model_path: str | Path, store: str, out: str | Path | No
     w = loader_workers(dev, in_memory) if workers < 0 else workers
     loader = make_loader(data, batch_size, False, 0, w, fs.shard_size, pin=dev.type == "cuda")
     prep = Prepared(joined, {split: rows}, classes, img_size)
-    target = Path(out) if out else None
     if target:
-        target.mkdir(parents=True, exist_ok=True)
         metrics = score_and_write(net, {split: (rows, loader)}, prep, dev, amp, target, plots, views=views)
         write_json({**metrics, "model": str(model_path), "store": str(store), "tta": tta}, target / "metrics.json")
     else:

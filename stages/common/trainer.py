@@ -245,3 +245,18 @@ def run_folder(out: str | Path, outputs: Sequence[str], overwrite: bool = False,
         yield prepared
     finally:
         lock.release()
+
+
+def evaluation_folder(out: str | Path, outputs: Sequence[str], overwrite: bool = False) -> Path:
+    """The ``--out`` folder of `pipeline evaluate`, ready to write ``outputs`` into: new or
+    empty, or (with ``overwrite``) emptied of an earlier evaluation, recognised by its
+    metrics.json naming a model and a store; anything else is refused (TrainingError) and
+    left as it is (``cache.ownership.prepare_output_folder``)."""
+    from cache.ownership import ForeignPathError, is_json_with_keys, prepare_output_folder
+
+    try:
+        return prepare_output_folder(out, outputs=outputs, marker="metrics.json", overwrite=overwrite,
+                                     is_ours=lambda p: is_json_with_keys(p, ("model", "store")),
+                                     command="pipeline evaluate")
+    except ForeignPathError as e:
+        raise TrainingError(str(e)) from None

@@ -16,6 +16,7 @@ from stages.common.geometry import PAD, saved_geometry
 from stages.common.joined import check_encoder
 from stages.common.jsonio import write_json
 from stages.common.runtime import resolve_device
+from stages.common.trainer import evaluation_folder
 from stages.common.training import load_checkpoint
 from stages.models.heads import create_head
 from stages.segment.data import UNET_IMG_SIZE, SegmentData, logits_to_raw
@@ -231,9 +232,10 @@ def format_scores(result: dict[str, Any]) -> str:
 
 def evaluate_saved(model_path: str | Path, store: str, out: str | Path | None, split: str = "test",
                    kind: str | None = None, data_root: str | None = None, device: str = "auto",
-                   dataset_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                   dataset_options: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """``pipeline evaluate`` of a segmentation model.pt: the dataset from the options, else
-    the store's record, else the training config; ``split`` "all" scores every split."""
+    the store's record, else the training config; ``split`` "all" scores every split. ``out``
+    must be new, empty, or (with ``overwrite``) an earlier evaluation (``evaluation_folder``)."""
     fs = FeatureStore(store)
     trained = load_checkpoint(model_path).get("config", {})
     data_root = data_root or fs.attrs.get("dataset_root") or trained.get("data_root")
@@ -242,6 +244,7 @@ def evaluate_saved(model_path: str | Path, store: str, out: str | Path | None, s
         raise ValueError(f"{store}: records no dataset; pass --dataset KIND --data-root PATH")
     if out is None:
         raise ValueError("evaluating a segmentation model needs --out DIR for its metrics and overlays")
+    evaluation_folder(out, ("metrics.json", "overlays/"), overwrite)
     return evaluate_segmentation(model_path, store, data_root, kind, out, device=device,
                                  splits=(split,) if split != "all" else ("train", "val", "test"),
                                  dataset_options=dataset_options)
