@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -157,24 +156,37 @@ def check_folder_target(path: str | os.PathLike, flag: str = "--out") -> Path:
 RUN_MARKERS = ("config.json", "model.pt", "last.pt")
 
 
-def prepare_run_folder(path: str | os.PathLike, *, outputs: Sequence[str], markers: Iterable[str], overwrite: bool,
-                       resume: bool, command: str = "pipeline train") -> Path:
+def prepare_run_folder(path: str | os.PathLike, *, outputs: Sequence[str], markers: Iterable[str], is_marker,
+                       overwrite: bool, resume: bool, command: str = "pipeline train") -> Path:
     """Make ``path`` ready for a training run and return it.
 
-    A folder holding an earlier run (any of ``markers``, e.g. config.json/model.pt/last.pt)
-    is resumed with ``resume``, replaced with ``overwrite`` (only the files in ``outputs``
-    are deleted; a name ending in "/" is a folder of our PNGs, emptied of those only), and
-    otherwise refused. A non-empty folder without a run is refused even with --overwrite."""
+    A folder holding an earlier run (any of ``markers``, e.g. config.json/model.pt/last.pt,
+    each recognised by its content: ``is_marker(path) -> bool``) is resumed with ``resume``,
+    replaced with ``overwrite`` (only the files in ``outputs`` are deleted; a name ending in
+    "/" is a folder of our PNGs, emptied of those only), and otherwise refused. A marker name
+    holding something else (a user's own config.json or model.pt) is refused with or without
+    either flag, and so is a non-empty folder without a run: names alone would let
+    ``--overwrite`` delete a user's file that happens to share a run's file name. Resuming or
+    replacing a run is refused, too, where an output name is a link (writes would land
+    elsewhere) or a PNG without our ``PNG_TEXT``; ``overwrite`` deletes only marked PNGs."""
     out = check_folder_target(path)
     if not out.exists():
         out.mkdir(parents=True)
         return out
-    earlier = [m for m in markers if (out / m).exists()]
+    earlier = [m for m in markers if (out / m).exists() or (out / m).is_symlink()]
+    foreign = [m for m in earlier if (out / m).is_symlink() or not (out / m).is_file() or not is_marker(out / m)]
+    if foreign:
+        raise ForeignPathError(f"{out / foreign[0]}: not written by `{command}`; nothing was changed, "
+                               "choose another --out")
     if not earlier:
         if any(out.iterdir()):
             raise ForeignPathError(f"{out}: the folder is not empty and holds no run of `{command}` (no "
                                    f"{'/'.join(markers)}); nothing was changed, choose another --out")
         return out
+    taken = [name for name in outputs if not _run_output_ok(out / name.rstrip("/"), name)]
+    if taken and (resume or overwrite):
+        raise ForeignPathError(f"{out / taken[0].rstrip('/')}: not written by `{command}`; nothing was changed, "
+                               "choose another --out")
     if resume:
         return out
     if not overwrite:
@@ -184,7 +196,8 @@ def prepare_run_folder(path: str | os.PathLike, *, outputs: Sequence[str], marke
         target = out / name.rstrip("/")
         if name.endswith("/") and target.is_dir():
             for f in target.glob("*.png"):
-                f.unlink()
+                if is_marked_png(f):
+                    f.unlink()
             if not any(target.iterdir()):
                 target.rmdir()
         elif target.is_file():
@@ -192,15 +205,28 @@ def prepare_run_folder(path: str | os.PathLike, *, outputs: Sequence[str], marke
     return out
 
 
+def _run_output_ok(target: Path, name: str) -> bool:
+    """May a run's output ``name`` at ``target`` be replaced? Absent, or no link, of the right
+    kind, and a PNG only with our ``PNG_TEXT`` (other files are known by the run's markers)."""
+    if target.is_symlink():
+        return False
+    if not target.exists():
+        return True
+    if name.endswith("/"):
+        return target.is_dir()
+    return target.is_file() and (target.suffix != ".png" or is_marked_png(target))
+
+
 def prepare_output_folder(path: str | os.PathLike, *, outputs: Sequence[str], marker: str, is_ours,
                           overwrite: bool, command: str, flag: str = "--out") -> Path:
     """Make ``path`` ready for a command that writes a few files into a folder of the user's
     choosing, and return it. Used as it is when absent or empty. A folder holding only an
-    earlier output of ``command`` (entries matching ``outputs``, fnmatch patterns where a name
-    ending in "/" is a folder of our PNGs, beside a ``marker`` file that ``is_ours``
-    recognises) is refused, or with ``overwrite`` emptied of those entries. Anything else in
-    it is refused, with or without ``overwrite``: nothing is written beside a file we did not
-    write, which the command's outputs could replace or (a history.csv) read."""
+    earlier output of ``command`` (entries named in ``outputs``, where a name ending in "/" is
+    a folder of our PNGs, beside a ``marker`` file that ``is_ours`` recognises; every PNG
+    carrying ``PNG_TEXT``; no links) is refused, or with ``overwrite`` emptied of those
+    entries. Anything else in it is refused, with or without ``overwrite``: nothing is written
+    beside a file we did not write, which the command's outputs could replace or (a
+    history.csv) read."""
     out = check_folder_target(path, flag)
     entries = sorted(out.iterdir()) if out.exists() else []
     if not entries:
@@ -208,14 +234,11 @@ def prepare_output_folder(path: str | os.PathLike, *, outputs: Sequence[str], ma
         return out
 
     def ours(entry: Path) -> bool:
-        for pattern in outputs:
-            if pattern.endswith("/"):
-                if entry.name == pattern[:-1] and entry.is_dir() and all(
-                        f.is_file() and f.suffix == ".png" for f in entry.iterdir()):
-                    return True
-            elif entry.is_file() and fnmatch(entry.name, pattern):
-                return True
-        return False
+        if entry.is_symlink():
+            return False
+        if entry.name + "/" in outputs:
+            return entry.is_dir() and all(f.suffix == ".png" and is_marked_png(f) for f in entry.iterdir())
+        return entry.name in outputs and entry.is_file() and (entry.suffix != ".png" or is_marked_png(entry))
 
     foreign = [e.name for e in entries if not ours(e)]
     if not foreign and not ((out / marker).is_file() and is_ours(out / marker)):
@@ -236,6 +259,33 @@ def prepare_output_folder(path: str | os.PathLike, *, outputs: Sequence[str], ma
     return out
 
 
+# every PNG this project writes carries this tEXt chunk (matplotlib ``savefig(metadata=PNG_TEXT)``,
+# PIL ``PngInfo``), so a user's picture under one of our file names is told apart from ours
+PNG_TEXT = {"Software": "sam-feature-pipeline"}
+
+
+def is_marked_png(path: Path) -> bool:
+    """A PNG file (not a link) carrying ``PNG_TEXT`` in a tEXt chunk before its image data."""
+    (key, value), = PNG_TEXT.items()
+    want = key.encode("latin-1") + b"\0" + value.encode("latin-1")
+    try:
+        if Path(path).is_symlink():
+            return False
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            while True:
+                head = f.read(8)
+                if len(head) < 8 or head[4:] in (b"IDAT", b"IEND"):
+                    return False
+                size = int.from_bytes(head[:4], "big")
+                body = f.read(size + 4)[:size]
+                if head[4:] == b"tEXt" and body == want:
+                    return True
+    except OSError:
+        return False
+
+
 def is_json_with_keys(path: Path, keys: Iterable[str]) -> bool:
     """A JSON object holding every one of ``keys`` (how we recognise our metrics.json files)."""
     try:
@@ -254,5 +304,6 @@ def is_text_with_header(path: Path, header: str) -> bool:
         return False
 
 
-__all__ = ["ForeignPathError", "RUN_MARKERS", "check_file_target", "check_folder_target", "check_store_target",
-           "is_text_with_header", "prepare_run_folder", "remove_store", "store_state"]
+__all__ = ["ForeignPathError", "PNG_TEXT", "RUN_MARKERS", "check_file_target", "check_folder_target",
+           "check_store_target", "is_marked_png", "is_text_with_header", "prepare_run_folder", "remove_store",
+           "store_state"]

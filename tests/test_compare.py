@@ -255,6 +255,30 @@ def test_cli_refuses_a_foreign_non_empty_out(synthetic_store, tmp_path):
     assert r.exit_code == 2 and "no feature store there" in r.output and not (tmp_path / "new").exists()
 
 
+def test_cli_refuses_a_users_compare_md_or_a_link_before_training(synthetic_store, tmp_path):
+    """compare.md and compare.png are rewritten at the end of a comparison: one that is not
+    ours (a note of yours under that name, a link to elsewhere) is refused before any run."""
+    from stages.classify.compare import COMPARE_FORMAT
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text(json.dumps({"format": COMPARE_FORMAT}))
+    elsewhere = tmp_path / "paper.md"
+    elsewhere.write_text("| model | fraction | my own table |")
+    for name, make in (("compare.md", lambda f: f.write_text("# my notes on the comparison\n")),
+                       ("compare.png", lambda f: f.write_text("not a picture")),
+                       ("compare.md", lambda f: f.symlink_to(elsewhere))):
+        make(out / name)
+        for extra in ([], ["--overwrite"]):
+            r = _cli(["--from-cache", synthetic_store, "--out", out, "--models", "probe", "--fractions", "1",
+                      "--seeds", "0", "-q", *extra])
+            assert r.exit_code == 2 and len(r.output.splitlines()) == 1, r.output
+            assert r.output.startswith(f"error: {out / name}: not written by `pipeline compare`")
+        assert not (out / "runs").exists()
+        (out / name).unlink()
+    assert elsewhere.read_text() == "| model | fraction | my own table |"
+
+
 def test_bench_slca_aggregates_compare_folders_and_keeps_foreign_files(compared, tmp_path):
     import subprocess
     import sys

@@ -149,21 +149,39 @@ def test_unet_head_predicts_without_an_encoder(acdc_run, tmp_path):
         np.testing.assert_array_equal(label[k], preds[f"patient003_frame01/slice_{k:02d}"])
     row = list(csv.reader(r.stdout.strip().splitlines()))[1]
     assert [int(v) for v in row[3:]] == np.bincount(label.ravel(), minlength=4).tolist()
+    again = predict_cli(str(model), str(vol), "--out", str(tmp_path / "out"), "--overwrite", "--format", "csv")
+    assert again.exit_code == 0, again.output  # its own .h5 mask is recognised (format attribute) and replaced
 
 
 def test_existing_outputs_are_refused_and_overwrite_replaces_only_predicts_own(png_run, tmp_path):
+    """A ground-truth ``<stem>_mask.png`` beside the images (a real PNG, not ours) survives
+    --overwrite; predict's own earlier outputs are replaced with it and only with it."""
     root, store, model = png_run
     img = root / "images" / "img0.png"
     out = tmp_path / "out"
     out.mkdir()
-    (out / "img0_mask.png").write_bytes(b"mine")
+    Image.fromarray(np.ones(SIZES[0], np.uint8)).save(out / "img0_mask.png")  # the user's ground truth
+    truth = (out / "img0_mask.png").read_bytes()
     (out / "notes.txt").write_text("keep")
     (out / "img0_mask.h5").write_bytes(b"not predict's for a PNG input")
     (out / "img9_overlay.png").write_bytes(b"another stem")
+    for extra in ([], ["--overwrite"]):
+        r = predict_cli(str(model), str(img), "--out", str(out), *extra)
+        assert r.exit_code == 2
+        assert r.stderr.strip().count("\n") == 0 and "img0_mask.png: exists and was not written by" in r.stderr
+        assert (out / "img0_mask.png").read_bytes() == truth and not (out / "img0_overlay.png").exists()
+    mine = tmp_path / "elsewhere"
+    mine.mkdir()
+    (mine / "picture.png").write_bytes(truth)
+    (out / "img0_mask.png").unlink()
+    (out / "img0_mask.png").symlink_to(mine / "picture.png")  # a link is never written through
+    r = predict_cli(str(model), str(img), "--out", str(out), "--overwrite")
+    assert r.exit_code == 2 and "img0_mask.png: exists and was not written by" in r.stderr
+    assert (mine / "picture.png").read_bytes() == truth
+    (out / "img0_mask.png").unlink()
+    assert predict_cli(str(model), str(img), "--out", str(out)).exit_code == 0
     r = predict_cli(str(model), str(img), "--out", str(out))
-    assert r.exit_code == 2
-    assert r.stderr.strip().count("\n") == 0 and "img0_mask.png: already exists" in r.stderr
-    assert (out / "img0_mask.png").read_bytes() == b"mine" and not (out / "img0_overlay.png").exists()
+    assert r.exit_code == 2 and "img0_mask.png: already exists" in r.stderr
     r = predict_cli(str(model), str(img), "--out", str(out), "--overwrite")
     assert r.exit_code == 0, r.output
     assert np.asarray(Image.open(out / "img0_mask.png")).shape == SIZES[0]

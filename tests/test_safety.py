@@ -15,7 +15,9 @@ from s3_server import moto_s3
 from cache import FeatureStore, Listing, StoreWriter, make_signature
 from cache.hdf5 import export_hdf5
 from cache.ownership import (
+    PNG_TEXT,
     ForeignPathError,
+    is_marked_png,
     prepare_run_folder,
     remove_store,
     store_state,
@@ -193,20 +195,26 @@ def test_export_refuses_foreign_files_and_folders(tmp_path, export, user_folder)
 def test_run_folder_helper_keeps_what_is_not_a_run_output(tmp_path):
     outputs = ("model.pt", "metrics.json", "overlays/")
     markers = ("config.json", "model.pt")
+    kw = dict(outputs=outputs, markers=markers, is_marker=lambda p: p.read_bytes() == b"weights")
     run = tmp_path / "run"
-    prepare_run_folder(run, outputs=outputs, markers=markers, overwrite=False, resume=False)
+    prepare_run_folder(run, overwrite=False, resume=False, **kw)
     (run / "model.pt").write_bytes(b"weights")
     (run / "metrics.json").write_text("{}")
     (run / "overlays").mkdir()
-    (run / "overlays" / "0.png").write_bytes(b"png")
+    _picture(run / "overlays" / "0.png", marked=True)
     (run / "overlays" / "mine.txt").write_text("mine")
     (run / "notes.txt").write_text("mine")
     with pytest.raises(ForeignPathError, match="earlier training run"):
-        prepare_run_folder(run, outputs=outputs, markers=markers, overwrite=False, resume=False)
-    prepare_run_folder(run, outputs=outputs, markers=markers, overwrite=False, resume=True)
+        prepare_run_folder(run, overwrite=False, resume=False, **kw)
+    prepare_run_folder(run, overwrite=False, resume=True, **kw)
     assert (run / "model.pt").exists()
-    prepare_run_folder(run, outputs=outputs, markers=markers, overwrite=True, resume=False)
+    prepare_run_folder(run, overwrite=True, resume=False, **kw)
     assert sorted(snapshot(run)) == ["notes.txt", "overlays/mine.txt"]
+    (run / "config.json").write_text("my settings")  # a marker's name, not its content
+    for overwrite, resume in ((False, False), (True, False), (False, True)):
+        with pytest.raises(ForeignPathError, match="config.json: not written by"):
+            prepare_run_folder(run, overwrite=overwrite, resume=resume, **kw)
+    assert (run / "config.json").read_text() == "my settings"
 
 
 @pytest.mark.parametrize("task", [["--model", "probe"], ["--task", "segment", "--head", "linear"]])
@@ -217,6 +225,26 @@ def test_train_and_segment_refuse_a_folder_without_a_run(synthetic_store, user_f
         refused(cli("train", "--from-cache", synthetic_store, *task, "--out", target, "--epochs", "1", "-q",
                     *extra), target)
         assert snapshot(target) == before
+
+
+@pytest.mark.parametrize("task", [["--model", "probe"], ["--task", "segment", "--head", "linear"]])
+def test_train_refuses_a_users_file_named_like_a_run_file(synthetic_store, tmp_path, task):
+    """A user's config.json or model.pt does not make a folder a run: --overwrite must not
+    delete it, and --resume must not read it."""
+    import torch
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"lr": 0.1, "epochs": 90}')
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3, "config": {}}, theirs / "model.pt")
+    for folder, named in ((mine, mine / "config.json"), (theirs, theirs / "model.pt")):
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            before = snapshot(folder)
+            refused(cli("train", "--from-cache", synthetic_store, *task, "--out", folder, "--epochs", "1", "-q",
+                        *extra), named)
+            assert snapshot(folder) == before
 
 
 def test_segment_refuses_an_earlier_run_without_overwrite(synthetic_store, tmp_path):
@@ -307,6 +335,69 @@ def test_evaluate_writes_only_into_a_new_empty_or_its_own_folder(probe_run, synt
     (out / "notes.txt").write_text("mine")
     refused(cli("evaluate", probe_run / "model.pt", "--out", out, "--overwrite", "-q"), out / "notes.txt")
     assert (out / "notes.txt").read_text() == "mine" and set(snapshot(out)) == set(first) | {"notes.txt"}
+
+
+def _picture(path: Path, marked: bool = False) -> bytes:
+    """A real PNG (a user's, or with ``marked`` one carrying our PNG_TEXT) at ``path``; its bytes."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in (PNG_TEXT.items() if marked else ()):
+        info.add_text(key, value)
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(path, pnginfo=info)
+    return path.read_bytes()
+
+
+def test_evaluate_overwrite_keeps_pictures_and_links_under_its_own_names(probe_run, tmp_path):
+    """An earlier evaluation is replaced only where every file is evaluate's own: a picture of
+    yours named like its figures (or like ``roc_*.png``), or a link at one of its names, is
+    refused even with --overwrite, and the link's target is not touched."""
+    out = tmp_path / "ev"
+    assert cli("evaluate", probe_run / "model.pt", "--out", out, "-q").exit_code == 0
+    assert is_marked_png(out / "confusion_test.png") and is_marked_png(out / "roc_test.png")
+    elsewhere = tmp_path / "holiday.png"
+    kept = _picture(elsewhere)
+    link = lambda f: f.symlink_to(elsewhere)  # noqa: E731
+    for name, make in (("roc_my_notes.png", _picture), ("roc_test.png", _picture), ("roc_test.png", link),
+                       ("predictions.csv", link)):
+        ours = (out / name).read_bytes() if (out / name).exists() else None
+        (out / name).unlink(missing_ok=True)
+        make(out / name)
+        before = snapshot(out)
+        refused(cli("evaluate", probe_run / "model.pt", "--out", out, "--overwrite", "-q"), out / name)
+        assert snapshot(out) == before and elsewhere.read_bytes() == kept
+        (out / name).unlink()
+        if ours is not None:
+            (out / name).write_bytes(ours)
+    assert cli("evaluate", probe_run / "model.pt", "--out", out, "--overwrite", "-q").exit_code == 0
+
+
+def test_run_overwrite_keeps_linked_folders_and_unmarked_pictures(tmp_path):
+    """Replacing or resuming a run refuses a link at an output name (a linked overlays/ would
+    have its PNGs deleted) and a PNG without our mark; --overwrite deletes marked PNGs only."""
+    kw = dict(outputs=("model.pt", "history.png", "overlays/"), markers=("model.pt",),
+              is_marker=lambda p: p.read_bytes() == b"weights")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"weights")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    kept = _picture(pics / "beach.png", marked=True)
+    (run / "overlays").symlink_to(pics)
+    for overwrite, resume in ((True, False), (False, True)):
+        with pytest.raises(ForeignPathError, match="overlays: not written by"):
+            prepare_run_folder(run, overwrite=overwrite, resume=resume, **kw)
+    assert (pics / "beach.png").read_bytes() == kept
+    (run / "overlays").unlink()
+    (run / "overlays").mkdir()
+    _picture(run / "overlays" / "case1.png", marked=True)
+    mine = _picture(run / "overlays" / "drawn.png")
+    _picture(run / "history.png")
+    with pytest.raises(ForeignPathError, match="history.png: not written by"):
+        prepare_run_folder(run, overwrite=True, resume=False, **kw)
+    _picture(run / "history.png", marked=True)
+    prepare_run_folder(run, overwrite=True, resume=False, **kw)
+    assert sorted(snapshot(run)) == ["overlays/drawn.png"] and (run / "overlays" / "drawn.png").read_bytes() == mine
 
 
 def test_failures_report_never_replaces_a_foreign_file(tmp_path):

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cache.ownership import PNG_TEXT  # noqa: E402
+
 
 def plot_compare(summary: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Mean test AUC over seeds with sample-std error bars; log x axis when the fractions span 10x."""
@@ -16,7 +18,7 @@ def plot_compare(summary: Sequence[dict[str, Any]], path: str | Path) -> Path:
     draw_compare(ax, summary)
     ax.set_title("mean ± sample std over seeds")
     path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata=PNG_TEXT)
     plt.close(fig)
     return path
 

@@ -31,7 +31,9 @@ from stages.datasets.base import Dataset
 from stages.models import create_model
 
 # what `pipeline evaluate --out` writes for a classifier (``scoring.score_and_write``)
-OUTPUTS = ("metrics.json", "predictions.csv", "confusion_*.png", "roc_*.png", "slca_gates.json", "slca_attention.png")
+OUTPUTS = ("metrics.json", "predictions.csv", *(f"{kind}_{split}.png" for kind in ("confusion", "roc")
+                                                 for split in ("train", "val", "test", "all")),
+           "slca_gates.json", "slca_attention.png")
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

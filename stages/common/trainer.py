@@ -238,13 +238,30 @@ def run_folder(out: str | Path, outputs: Sequence[str], overwrite: bool = False,
                             "wait for it to finish or choose another --out")
     try:
         try:
-            prepared = prepare_run_folder(folder, outputs=outputs, markers=RUN_MARKERS, overwrite=overwrite,
-                                          resume=resume)
+            prepared = prepare_run_folder(folder, outputs=outputs, markers=RUN_MARKERS, is_marker=is_run_file,
+                                          overwrite=overwrite, resume=resume)
         except ForeignPathError as e:
             raise TrainingError(str(e)) from None
         yield prepared
     finally:
         lock.release()
+
+
+def is_run_file(path: Path) -> bool:
+    """A run's config.json (the training configuration: ``store``, ``out``, ``seed``) or
+    checkpoint (``Trainer.save``: a dict with ``state_dict``, ``config``, ``epoch`` and ``store``),
+    told from a user's file of the same name by its content. Checkpoints are memory-mapped,
+    so only the pickled header is read, not the weights; a file that is not a plain
+    weights-only checkpoint is not ours."""
+    if path.suffix == ".json":
+        from cache.ownership import is_json_with_keys
+
+        return is_json_with_keys(path, ("store", "out", "seed"))
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # truncated, foreign pickles, not a zip archive: someone else's file
+        return False
+    return isinstance(ck, dict) and all(k in ck for k in ("state_dict", "config", "epoch", "store"))
 
 
 def evaluation_folder(out: str | Path, outputs: Sequence[str], overwrite: bool = False) -> Path:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cache import FeatureStore, SignatureMismatchError
+from cache.ownership import PNG_TEXT
 from stages.common.geometry import PAD, saved_geometry
 from stages.common.joined import check_encoder
 from stages.common.jsonio import write_json
@@ -137,7 +138,7 @@ def save_overlays(data: SegmentData, preds: dict[int, np.ndarray], indices: Sequ
         fig.suptitle(data.ids[i], fontsize=9)
         fig.tight_layout()
         path = folder / (data.ids[i].replace("/", "__").replace("\\", "__") + ".png")
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=80, metadata=PNG_TEXT)
         plt.close(fig)
         written.append(str(path))
     return written

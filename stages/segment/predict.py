@@ -22,7 +22,10 @@ them) or ACDC-style HDF5 files whose ``image`` is (H,W) or (slices,H,W) (read li
   up to 8 evenly spaced slices).
 - Safety: nothing is written until every input was read and every prediction made. An
   output file that already exists is refused (one line, exit 2) unless ``overwrite``; even
-  then only those output names of these inputs are replaced, never any other file.
+  then only those output names of these inputs are replaced, and only where the file there
+  is predict's own (a PNG carrying ``cache.ownership.PNG_TEXT``, an HDF5 mask whose
+  ``format`` attribute is ``MASK_FORMAT``): a ground-truth ``<stem>_mask.png`` beside the
+  images, or a link, is refused with or without ``overwrite``.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import torch
 from torch import nn
 
 from cache import quantize
+from cache.ownership import PNG_TEXT, is_marked_png
 from stages.common.geometry import saved_geometry
 from stages.common.joined import saved_store, store_encoder
 from stages.common.runtime import amp_dtype_for, resolve_device, resolve_precision
@@ -55,6 +59,7 @@ from stages.segment.evaluate import (
 )
 
 H5_EXTS = (".h5", ".hdf5")
+MASK_FORMAT = "sam-feature-pipeline/mask"  # the ``format`` attribute of predict's HDF5 masks
 FORMATS = ("table", "csv", "json")
 MONTAGE_SLICES = 8
 
@@ -118,7 +123,8 @@ def output_paths(inp: SegInput, out: Path) -> tuple[Path, Path]:
 
 def check_outputs(inputs: Sequence[SegInput], out: Path, overwrite: bool) -> None:
     """Refuse an output folder that is a file, two inputs writing the same output name, an
-    output that is one of the inputs, and (without ``overwrite``) an output that exists."""
+    output that is one of the inputs, an output name taken by anything predict did not write
+    (with or without ``overwrite``), and (without ``overwrite``) an output that exists."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder; pass a new or existing folder as --out")
     sources = {p.resolve() for p in (i.path for i in inputs)}
@@ -132,9 +138,23 @@ def check_outputs(inputs: Sequence[SegInput], out: Path, overwrite: bool) -> Non
             seen[key] = inp.path
             if target.resolve() in sources:
                 raise ValueError(f"{target}: is one of the inputs; choose another --out")
-            if target.is_dir() or (target.exists() and not overwrite):
+            if target.is_symlink() or target.is_dir() or (target.exists() and not is_prediction(target)):
+                raise ValueError(f"{target}: exists and was not written by `pipeline predict`; nothing was "
+                                 "changed, choose another --out")
+            if target.exists() and not overwrite:
                 raise ValueError(f"{target}: already exists; pass --overwrite to replace predict's own outputs "
                                  "for these inputs, or choose another --out")
+
+
+def is_prediction(path: Path) -> bool:
+    """A mask or overlay that `pipeline predict` wrote (by content, not by name)."""
+    if path.suffix.lower() != ".h5":
+        return is_marked_png(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == MASK_FORMAT
+    except OSError:
+        return False
 
 
 def as_stored(emb: np.ndarray, dtype: str) -> np.ndarray:
@@ -186,15 +206,19 @@ def write_mask(inp: SegInput, target: Path, class_names: Sequence[str]) -> None:
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("label", data=mask, dtype=np.uint8, compression="gzip")
+                f.attrs["format"] = MASK_FORMAT
                 f.attrs["mask_classes"] = list(class_names)
                 f.attrs["source"] = str(inp.path)
                 if inp.spacing is not None:
                     f.attrs["spacing"] = np.asarray(inp.spacing, dtype=np.float64)
     else:
         def write(tmp: Path) -> None:
-            from PIL import Image
+            from PIL import Image, PngImagePlugin
 
-            Image.fromarray(mask.astype(np.uint8)).save(tmp, format="PNG")  # 2D uint8: mode L
+            info = PngImagePlugin.PngInfo()
+            for key, value in PNG_TEXT.items():
+                info.add_text(key, value)
+            Image.fromarray(mask.astype(np.uint8)).save(tmp, format="PNG", pnginfo=info)  # 2D uint8: mode L
     _replace_into(target, write)
 
 
@@ -236,7 +260,7 @@ def save_overlay(inp: SegInput, target: Path, class_names: Sequence[str]) -> Non
     shown = f": {len(panels)} of {len(inp.slices)} slices" if stacked else ""
     fig.suptitle(f"{inp.path.name}{shown}", fontsize=10)
     fig.tight_layout(rect=(0, 0.6 / (3 * rows + 0.6), 1, 1))
-    _replace_into(target, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    _replace_into(target, lambda tmp: fig.savefig(tmp, dpi=90, format="png", metadata=PNG_TEXT))
     plt.close(fig)
 
 
