@@ -102,9 +102,14 @@ class Lease:
         except FileNotFoundError:
             return None, None
         try:
-            return json.loads(data), etag
-        except ValueError:  # not ours to trust: treat as expired, taken over only if unchanged
-            return {"owner": "?", "expires": 0.0}, etag
+            held = json.loads(data)
+        except ValueError:
+            held = None
+        if not (isinstance(held, dict) and held.get("store") == self.url and {"owner", "expires"} <= set(held)):
+            # someone else's object under our lease name: never taken over (overwritten) or deleted
+            raise StoreError(f"{lease_url(self.url)}: exists and is not a writer lease of this store; nothing was "
+                             "changed, move it away or use another --out")
+        return held, etag
 
     # --- protocol -------------------------------------------------------------------
     def acquire(self) -> "Lease":

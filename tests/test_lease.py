@@ -117,6 +117,17 @@ def test_a_stalled_writer_that_lost_its_lease_marks_nothing_done(s3):
         other.release()
 
 
+def test_an_object_under_the_lease_name_that_is_not_a_lease_is_never_replaced(s3):
+    endpoint, opts, fs = s3
+    for n, body in enumerate((b"my own notes", b'{"owner": "me", "expires": 0}')):  # the second: another store's
+        url = f"s3://lease/c{n}.zarr"
+        fs.pipe(f"lease/c{n}.zarr.lease", body)
+        with pytest.raises(StoreError, match=rf"c{n}\.zarr\.lease: exists and is not a writer lease"):
+            StoreWriter.open(url, signature=_sig(), listing=_listing(), shard_size=2, storage_options=opts)
+        fs.invalidate_cache()
+        assert fs.cat(f"lease/c{n}.zarr.lease") == body and not fs.exists(f"lease/c{n}.zarr")
+
+
 def test_memory_stores_are_guarded_in_process():
     a = Lease("memory://m/x.zarr").acquire()
     with pytest.raises(StoreError, match="another process"):

@@ -276,6 +276,13 @@ def test_make_synthetic_refuses_files_and_foreign_folders_and_keeps_user_images(
     assert cli("make-synthetic", ds, "--per-class", "1", "--size", "32").exit_code == 0
     assert (ds / "images" / "mine.png").read_bytes() == b"my own picture"
     assert not (ds / "images" / "cyst_0001.png").exists()  # the earlier run's own phantoms are replaced
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "cyst_0000.png").write_bytes(b"someone else's picture, named like a phantom")
+    (ds / "masks").rename(tmp_path / "old_masks")
+    (ds / "masks").symlink_to(elsewhere)
+    refused(cli("make-synthetic", ds, "--per-class", "1", "--size", "32"), ds / "masks")
+    assert (elsewhere / "cyst_0000.png").read_bytes() == b"someone else's picture, named like a phantom"
 
 
 @pytest.fixture(scope="module")

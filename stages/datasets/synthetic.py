@@ -277,6 +277,9 @@ def make_synthetic(
         raise DatasetError(f"{out}: is a file, not a folder; nothing was changed, pick an empty or new folder")
     if out.exists() and any(out.iterdir()) and not _is_ours(meta_path):
         raise DatasetError(f"{out}: folder exists and is not a synthetic dataset; pick an empty or new folder")
+    linked = [n for n in ("images", "masks", "manifest.csv", "synthetic.json") if (out / n).is_symlink()]
+    if linked:  # writing (or deleting earlier phantoms) through it would reach someone else's folder
+        raise DatasetError(f"{out / linked[0]}: is a link; nothing was changed, pick an empty or new folder")
     for sub in ("images", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
         for old in (out / sub).glob("*.png"):
