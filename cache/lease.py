@@ -105,7 +105,9 @@ class Lease:
             held = json.loads(data)
         except ValueError:
             held = None
-        if not (isinstance(held, dict) and held.get("store") == self.url and {"owner", "expires"} <= set(held)):
+        ours = isinstance(held, dict) and {"owner", "expires"} <= set(held) and \
+            str(held.get("store")).rstrip("/") == self.url.rstrip("/")
+        if not ours:
             # someone else's object under our lease name: never taken over (overwritten) or deleted
             raise StoreError(f"{lease_url(self.url)}: exists and is not a writer lease of this store; nothing was "
                              "changed, move it away or use another --out")
