@@ -1,7 +1,9 @@
-"""Shared helpers of the benchmark scripts: timing, medians, peak RSS, machine, tables, and
-the store of a ``pipeline compare`` folder.
+"""Shared helpers of the benchmark scripts: timing, medians, peak RSS, machine, tables, the
+store of a ``pipeline compare`` folder, and the output paths they may write.
 
-Results go to stdout, progress notes to stderr.
+Results go to stdout, progress notes to stderr. The benchmarks follow the CLI's rule: they
+write and delete only inside a scratch folder they made (``scratch_folder``) and replace a
+result file only when it is one they wrote (``check_out_json``).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -134,3 +137,40 @@ def compare_store(folder: Path, dataset=None):
     if not path.is_file():
         sys.exit(f"error: {folder}: no compare.json; pass a `pipeline compare --out` folder")
     return open_joined(FeatureStore(json.loads(path.read_text())["store"]), dataset)
+
+
+# a benchmark's scratch folder holds this file: fixed names inside it (codec.zarr, naive/,
+# syn64/, raw files) are written and deleted from one run to the next
+SCRATCH_MARK = ".bench-scratch"
+
+
+def scratch_folder(path: str | os.PathLike | None, prefix: str) -> Path:
+    """The folder a benchmark writes and deletes in: a new temporary folder when ``path`` is
+    None, else ``path`` when absent, empty, or made here before (it holds ``SCRATCH_MARK``).
+    Anything else (a file, a link, a folder of the user's) exits with one line before
+    anything is written."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix) if path is None else path)
+    mark = folder / SCRATCH_MARK
+    if path is not None:
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            sys.exit(f"error: {folder}: not a folder; nothing was changed, pass a new or empty --work")
+        if folder.exists() and any(folder.iterdir()) and (mark.is_symlink() or not mark.is_file()):
+            sys.exit(f"error: {folder}: the folder is not empty and is no benchmark scratch folder (no "
+                     f"{SCRATCH_MARK}); nothing was changed, pass a new or empty --work")
+        folder.mkdir(parents=True, exist_ok=True)
+    if not mark.exists():
+        mark.write_text("scratch folder of the sam-feature-pipeline benchmarks, which write and delete in it\n")
+    return folder
+
+
+def check_out_json(path: str | os.PathLike, keys: Sequence[str], flag: str = "--out") -> Path:
+    """``path`` as a result JSON to (re)write: absent, or a JSON object holding ``keys``
+    (an earlier result of the same benchmark). Anything else, or a link, exits with one line
+    before the benchmark runs."""
+    from cache.ownership import is_json_with_keys
+
+    p = Path(path)
+    if p.is_symlink() or (p.exists() and not (p.is_file() and is_json_with_keys(p, keys))):
+        sys.exit(f"error: {p}: exists and is not a result of this benchmark; nothing was changed, "
+                 f"choose another {flag}")
+    return p

@@ -34,6 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._util import scratch_folder  # noqa: E402
+
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "pneumoniamnist" / "pneumoniamnist.npz"
 
 
@@ -172,6 +174,8 @@ def main() -> None:
 
     if not args.data.is_file():
         sys.exit(f"error: {args.data} not found; pass --data path/to/pneumoniamnist.npz")
+    # subsets, stores, compare folders and bench_classify.json all live in it
+    args.work = scratch_folder(args.work, "bench_classify_")
     whole = not (args.train_per_class or args.val_per_class or args.test_limit or args.test_per_class)
     if whole:
         src = args.data

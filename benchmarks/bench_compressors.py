@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._util import machine, median, note, table, timed  # noqa: E402
+from benchmarks._util import machine, median, note, scratch_folder, table, timed  # noqa: E402
 
 CODECS = [
     ("none", None),
@@ -85,8 +84,7 @@ def main(argv=None) -> None:
     from cache.schema import COMPRESSIONS, DEFAULT_COMPRESSION
     from cache.shardread import layout, read_rows
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench_codecs_"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = scratch_folder(args.work, "bench_codecs_")  # codec.zarr is deleted there before each write
     data, source = embeddings(args, work)
     n = len(data)
     raw = data.nbytes

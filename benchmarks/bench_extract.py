@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from benchmarks._util import (  # noqa: E402
     mib,
     note,
     peak_rss,
+    scratch_folder,
     spread,
     table,
     timed,
@@ -107,8 +107,7 @@ class Bench:
         )
 
         self.a = args
-        self.work = Path(args.work or tempfile.mkdtemp(prefix="bench_extract_"))
-        self.work.mkdir(parents=True, exist_ok=True)
+        self.work = scratch_folder(args.work, "bench_extract_")
         self.device = resolve_device(args.device)
         self.precision = resolve_precision(args.precision, self.device)
         self.amp = amp_dtype_for(self.precision)

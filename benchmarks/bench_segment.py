@@ -26,6 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._util import check_out_json  # noqa: E402
+
+
 def ensure_store(store: str, data_root: str) -> None:
     from cache import FeatureStore, StoreError
     from cache.io import exists
@@ -115,6 +118,7 @@ def reusable(cfg, folder: Path) -> dict | None:
 
 def main() -> None:
     a = parse()
+    results_json = check_out_json(Path(a.out) / "results.json", ("args", "results", "seconds"))
     import torch
 
     from stages.segment.config import SegmentConfig
@@ -158,8 +162,7 @@ def main() -> None:
                   file=sys.stderr)
     total = time.perf_counter() - t_start
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "results.json").write_text(json.dumps({"args": vars(a), "results": results,
-                                                          "seconds": total}, indent=2))
+    results_json.write_text(json.dumps({"args": vars(a), "results": results, "seconds": total}, indent=2))
     print(f"ACDC validation, mean 3D Dice per class ({len({data.groups[i] for i in val})} volumes); "
           f"{a.steps} steps x batch {a.batch_size} per run, lr {a.lr}")
     print(table(results, heads, classes))

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# what marks an earlier gpu_check.json, which --out may replace
+RESULT_KEYS = ("cuda", "gpu", "cpu", "cores", "torch")
 sys.path.insert(0, str(ROOT))
 
 
@@ -115,15 +117,15 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp dir)")
     p.add_argument("--skip-gpu-bench", action="store_true", help="do not run sections 1-2 even with CUDA")
     args = p.parse_args(argv)
-    import tempfile
-
     import torch
 
-    args.work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    from benchmarks._util import check_out_json, cpu_name, scratch_folder
+
+    # both refused before the tests run, not after minutes of them
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path.cwd()
-    path = Path(args.out) if args.out else out_dir / "gpu_check.json"
+    path = check_out_json(Path(args.out) if args.out else out_dir / "gpu_check.json", RESULT_KEYS)
+    args.work = scratch_folder(args.work, "gpu_check_")
     cuda = torch.cuda.is_available()
-    from benchmarks._util import cpu_name
 
     t0 = time.perf_counter()
     result: dict = {"cuda": cuda, "gpu": torch.cuda.get_device_name() if cuda else None, "cpu": cpu_name(),

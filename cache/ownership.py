@@ -135,6 +135,8 @@ def check_file_target(path: str | os.PathLike, *, overwrite: bool, is_ours, what
     p = Path(path)
     if not p.exists() and not p.is_symlink():
         return
+    if p.is_symlink():  # the write would land on its target
+        raise ForeignPathError(f"{p}: is a link; nothing was changed, choose another {flag}")
     if p.is_dir():
         raise ForeignPathError(f"{p}: is a folder, not a {what} file; nothing was changed, choose another {flag}")
     if not is_ours(p):
@@ -163,12 +165,13 @@ def prepare_run_folder(path: str | os.PathLike, *, outputs: Sequence[str], marke
     A folder holding an earlier run (any of ``markers``, e.g. config.json/model.pt/last.pt,
     each recognised by its content: ``is_marker(path) -> bool``) is resumed with ``resume``,
     replaced with ``overwrite`` (only the files in ``outputs`` are deleted; a name ending in
-    "/" is a folder of our PNGs, emptied of those only), and otherwise refused. A marker name
+    "/" is a folder of our PNGs, deleted with them), and otherwise refused. A marker name
     holding something else (a user's own config.json or model.pt) is refused with or without
     either flag, and so is a non-empty folder without a run: names alone would let
     ``--overwrite`` delete a user's file that happens to share a run's file name. Resuming or
     replacing a run is refused, too, where an output name is a link (writes would land
-    elsewhere) or a PNG without our ``PNG_TEXT``; ``overwrite`` deletes only marked PNGs."""
+    elsewhere), a PNG without our ``PNG_TEXT``, or a folder holding anything but such PNGs
+    (resuming would write over a user's picture of the same name)."""
     out = check_folder_target(path)
     if not out.exists():
         out.mkdir(parents=True)
@@ -183,7 +186,8 @@ def prepare_run_folder(path: str | os.PathLike, *, outputs: Sequence[str], marke
             raise ForeignPathError(f"{out}: the folder is not empty and holds no run of `{command}` (no "
                                    f"{'/'.join(markers)}); nothing was changed, choose another --out")
         return out
-    taken = [name for name in outputs if not _run_output_ok(out / name.rstrip("/"), name)]
+    taken = [name for name in outputs if _present(out / name.rstrip("/"))
+             and not _replaceable(out / name.rstrip("/"), name.endswith("/"))]
     if taken and (resume or overwrite):
         raise ForeignPathError(f"{out / taken[0].rstrip('/')}: not written by `{command}`; nothing was changed, "
                                "choose another --out")
@@ -192,29 +196,37 @@ def prepare_run_folder(path: str | os.PathLike, *, outputs: Sequence[str], marke
     if not overwrite:
         raise ForeignPathError(f"{out}: holds an earlier training run ({', '.join(earlier)}); pass --resume to "
                                "continue it or --overwrite to start over")
-    for name in outputs:
-        target = out / name.rstrip("/")
-        if name.endswith("/") and target.is_dir():
-            for f in target.glob("*.png"):
-                if is_marked_png(f):
-                    f.unlink()
-            if not any(target.iterdir()):
-                target.rmdir()
-        elif target.is_file():
-            target.unlink()
+    for target in (out / name.rstrip("/") for name in outputs):
+        _remove_output(target)
     return out
 
 
-def _run_output_ok(target: Path, name: str) -> bool:
-    """May a run's output ``name`` at ``target`` be replaced? Absent, or no link, of the right
-    kind, and a PNG only with our ``PNG_TEXT`` (other files are known by the run's markers)."""
-    if target.is_symlink():
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _replaceable(entry: Path, folder: bool) -> bool:
+    """May an output of ours at ``entry`` be replaced? Never a link; a ``folder`` output is a
+    folder holding only PNGs with our ``PNG_TEXT``; a file output is a file, and a PNG only
+    with that mark (other files are known by the folder's marker files)."""
+    if entry.is_symlink():
         return False
-    if not target.exists():
-        return True
-    if name.endswith("/"):
-        return target.is_dir()
-    return target.is_file() and (target.suffix != ".png" or is_marked_png(target))
+    if folder:
+        return entry.is_dir() and all(f.suffix == ".png" and is_marked_png(f) for f in entry.iterdir())
+    return entry.is_file() and (entry.suffix != ".png" or is_marked_png(entry))
+
+
+def _remove_output(target: Path) -> None:
+    """Delete an output that ``_replaceable`` accepted: a file, or a folder's marked PNGs and
+    then the folder once empty."""
+    if target.is_dir() and not target.is_symlink():
+        for f in target.glob("*.png"):
+            if is_marked_png(f):
+                f.unlink()
+        if not any(target.iterdir()):
+            target.rmdir()
+    elif target.is_file() and not target.is_symlink():
+        target.unlink()
 
 
 def prepare_output_folder(path: str | os.PathLike, *, outputs: Sequence[str], marker: str, is_ours,
@@ -232,15 +244,9 @@ def prepare_output_folder(path: str | os.PathLike, *, outputs: Sequence[str], ma
     if not entries:
         out.mkdir(parents=True, exist_ok=True)
         return out
-
-    def ours(entry: Path) -> bool:
-        if entry.is_symlink():
-            return False
-        if entry.name + "/" in outputs:
-            return entry.is_dir() and all(f.suffix == ".png" and is_marked_png(f) for f in entry.iterdir())
-        return entry.name in outputs and entry.is_file() and (entry.suffix != ".png" or is_marked_png(entry))
-
-    foreign = [e.name for e in entries if not ours(e)]
+    folders = {name.rstrip("/") for name in outputs if name.endswith("/")}
+    foreign = [e.name for e in entries
+               if not ((e.name in outputs or e.name in folders) and _replaceable(e, e.name in folders))]
     if not foreign and not ((out / marker).is_file() and is_ours(out / marker)):
         foreign = [marker if (out / marker).exists() else entries[0].name]
     if foreign:
@@ -250,18 +256,25 @@ def prepare_output_folder(path: str | os.PathLike, *, outputs: Sequence[str], ma
         raise ForeignPathError(f"{out}: holds an earlier `{command}` output; choose another {flag} or pass "
                                "--overwrite to replace it")
     for entry in entries:
-        if entry.is_dir():
-            for f in entry.glob("*.png"):
-                f.unlink()
-            entry.rmdir()
-        else:
-            entry.unlink()
+        _remove_output(entry)
     return out
 
 
 # every PNG this project writes carries this tEXt chunk (matplotlib ``savefig(metadata=PNG_TEXT)``,
 # PIL ``PngInfo``), so a user's picture under one of our file names is told apart from ours
 PNG_TEXT = {"Software": "sam-feature-pipeline"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: Path) -> bool:
+    """A regular file (not a link) starting with the PNG signature, marked or not."""
+    try:
+        if Path(path).is_symlink():
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
 
 
 def is_marked_png(path: Path) -> bool:
@@ -272,7 +285,7 @@ def is_marked_png(path: Path) -> bool:
         if Path(path).is_symlink():
             return False
         with open(path, "rb") as f:
-            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
                 return False
             while True:
                 head = f.read(8)
@@ -304,6 +317,6 @@ def is_text_with_header(path: Path, header: str) -> bool:
         return False
 
 
-__all__ = ["ForeignPathError", "PNG_TEXT", "RUN_MARKERS", "check_file_target", "check_folder_target",
-           "check_store_target", "is_marked_png", "is_text_with_header", "prepare_run_folder", "remove_store",
-           "store_state"]
+__all__ = ["ForeignPathError", "PNG_SIGNATURE", "PNG_TEXT", "RUN_MARKERS", "check_file_target",
+           "check_folder_target", "check_store_target", "is_marked_png", "is_png", "is_text_with_header",
+           "prepare_run_folder", "remove_store", "store_state"]

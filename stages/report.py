@@ -117,14 +117,15 @@ def _ours_json(path: Path) -> bool:
 def _claim(out: Path, folders: Sequence[str], files: Sequence[tuple[str, Any]]) -> None:
     """Refuse (before writing anything) if OUT, one of its sub-folders, or a file we are about
     to replace is not ours: our own earlier outputs are replaced (recognised by content,
-    ``is_ours(path)``), nothing else at those names ever is."""
+    ``is_ours(path)``), nothing else at those names ever is, nor a link (the write would land
+    on its target)."""
     from cache.ownership import ForeignPathError, check_folder_target
 
     for sub in ("", *folders):
         check_folder_target(out / sub if sub else out)
     for rel, is_ours in files:
         p = out / rel
-        if p.is_dir() or (p.exists() and not is_ours(p)):
+        if p.is_symlink() or p.is_dir() or (p.exists() and not is_ours(p)):
             raise ForeignPathError(f"{p}: exists and was not written by `pipeline summarize`/`report`; nothing was "
                                    "changed, move it away or choose another --out")
 

@@ -188,6 +188,11 @@ def test_export_refuses_foreign_files_and_folders(tmp_path, export, user_folder)
     assert cli("export", store, "--out", mine).exit_code == 0
     refused(cli("export", store, "--out", mine), mine)
     assert cli("export", store, "--out", mine, "--overwrite").exit_code == 0
+    link = tmp_path / "link.h5"  # to an export of ours: --overwrite would write on the target
+    link.symlink_to(mine)
+    before = snapshot(mine)
+    refused(cli("export", store, "--out", link, "--overwrite"), link)
+    assert snapshot(mine) == before
     assert sorted(p.name for p in tmp_path.iterdir() if ".partial" in p.name) == []
 
 
@@ -204,12 +209,16 @@ def test_run_folder_helper_keeps_what_is_not_a_run_output(tmp_path):
     _picture(run / "overlays" / "0.png", marked=True)
     (run / "overlays" / "mine.txt").write_text("mine")
     (run / "notes.txt").write_text("mine")
+    for overwrite, resume in ((True, False), (False, True)):  # a file of the user's inside an output folder
+        with pytest.raises(ForeignPathError, match="overlays: not written by"):
+            prepare_run_folder(run, overwrite=overwrite, resume=resume, **kw)
+    (run / "overlays" / "mine.txt").unlink()
     with pytest.raises(ForeignPathError, match="earlier training run"):
         prepare_run_folder(run, overwrite=False, resume=False, **kw)
     prepare_run_folder(run, overwrite=False, resume=True, **kw)
     assert (run / "model.pt").exists()
     prepare_run_folder(run, overwrite=True, resume=False, **kw)
-    assert sorted(snapshot(run)) == ["notes.txt", "overlays/mine.txt"]
+    assert sorted(snapshot(run)) == ["notes.txt"]
     (run / "config.json").write_text("my settings")  # a marker's name, not its content
     for overwrite, resume in ((False, False), (True, False), (False, True)):
         with pytest.raises(ForeignPathError, match="config.json: not written by"):
@@ -301,6 +310,14 @@ def test_summarize_and_report_replace_their_own_files_only(probe_run, tmp_path, 
     runs = out / "scores"
     assert cli("report", "--runs", runs, "--out", out).exit_code == 0
     assert cli("report", "--runs", runs, "--out", out).exit_code == 0
+    copy = tmp_path / "copy_of_report.md"  # a link writes on its target, even one that looks like ours
+    copy.write_text((out / "report.md").read_text())
+    (out / "report.md").unlink()
+    (out / "report.md").symlink_to(copy)
+    kept = copy.read_text()
+    refused(cli("report", "--runs", runs, "--out", out), out / "report.md")
+    assert copy.read_text() == kept
+    (out / "report.md").unlink()
     (out / "report.md").write_text("# My notes\n")
     refused(cli("report", "--runs", runs, "--out", out), out / "report.md")
     assert (out / "report.md").read_text() == "# My notes\n"
@@ -381,7 +398,7 @@ def test_evaluate_overwrite_keeps_pictures_and_links_under_its_own_names(probe_r
 
 def test_run_overwrite_keeps_linked_folders_and_unmarked_pictures(tmp_path):
     """Replacing or resuming a run refuses a link at an output name (a linked overlays/ would
-    have its PNGs deleted) and a PNG without our mark; --overwrite deletes marked PNGs only."""
+    have its PNGs deleted) and a PNG without our mark, alone or inside an output folder."""
     kw = dict(outputs=("model.pt", "history.png", "overlays/"), markers=("model.pt",),
               is_marker=lambda p: p.read_bytes() == b"weights")
     run = tmp_path / "run"
@@ -403,8 +420,13 @@ def test_run_overwrite_keeps_linked_folders_and_unmarked_pictures(tmp_path):
     with pytest.raises(ForeignPathError, match="history.png: not written by"):
         prepare_run_folder(run, overwrite=True, resume=False, **kw)
     _picture(run / "history.png", marked=True)
+    for overwrite, resume in ((True, False), (False, True)):  # resuming could write over drawn.png
+        with pytest.raises(ForeignPathError, match="overlays: not written by"):
+            prepare_run_folder(run, overwrite=overwrite, resume=resume, **kw)
+    assert (run / "overlays" / "drawn.png").read_bytes() == mine
+    (run / "overlays" / "drawn.png").rename(tmp_path / "drawn.png")
     prepare_run_folder(run, overwrite=True, resume=False, **kw)
-    assert sorted(snapshot(run)) == ["overlays/drawn.png"] and (run / "overlays" / "drawn.png").read_bytes() == mine
+    assert sorted(snapshot(run)) == [] and (tmp_path / "drawn.png").read_bytes() == mine
 
 
 def test_failures_report_never_replaces_a_foreign_file(tmp_path):

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cache.ownership import is_text_with_header
+from cache.ownership import is_png, is_text_with_header
 from stages.common.jsonio import write_json
 from stages.classify.config import BEFORE_OPTION, ClassifyConfig, is_model_kind, model_kinds, moot
 from stages.classify.train import OUTPUT_FILES, train_classifier
@@ -213,7 +213,7 @@ def check_out(out: str | Path) -> Path:
         raise ValueError(f"{out}: is not empty and not a `pipeline compare` folder (no compare.json of ours); "
                          "choose a new or empty --out")
     for name, ours in (("compare.md", lambda p: is_text_with_header(p, "| model | fraction |")),
-                       ("compare.png", lambda p: p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")):
+                       ("compare.png", is_png)):
         f = out / name  # rewritten at the end: refuse now what is not ours, before any training
         if f.is_symlink() or (f.exists() and not (f.is_file() and ours(f))):
             raise ValueError(f"{f}: not written by `pipeline compare`; nothing was changed, move it away or "
