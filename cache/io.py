@@ -181,17 +181,19 @@ class StoreLock:
         return self
 
     def _refuse_foreign(self) -> None:
-        """The lock file holds our pid or nothing; anything else there is the user's."""
+        """The lock file holds what ``acquire`` writes (a pid and a newline) or nothing (a
+        writer killed between creating and writing it); anything else there is the user's."""
         if not os.path.lexists(self.path):
             return
         if not self.path.is_file() or self.path.is_symlink():
             raise StoreError(f"{self.path}: exists and is not a store lock of this project; nothing was changed, "
                              "move it away or choose another --out")
         try:
-            head = self.path.read_bytes()[:64]
+            with open(self.path, "rb") as f:
+                head = f.read(24)
         except OSError:
             return
-        if head.strip() and not head.strip().isdigit():
+        if head and not re.fullmatch(rb"[0-9]{1,20}\n", head):
             raise StoreError(f"{self.path}: exists and is not a store lock of this project; nothing was changed, "
                              "move it away or choose another --out")
 

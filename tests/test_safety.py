@@ -122,10 +122,16 @@ def test_an_empty_folder_is_used_and_a_foreign_lock_file_is_refused(tmp_path):
     (tmp_path / "empty.zarr").mkdir()
     assert store_state(tmp_path / "empty.zarr")[0] == "empty"
     FeatureStore(make_store(tmp_path / "empty.zarr"))
-    (tmp_path / "b.zarr.lock").write_text("my shopping list")
-    with pytest.raises(Exception, match="not a store lock"):
-        make_store(tmp_path / "b.zarr")
-    assert (tmp_path / "b.zarr.lock").read_text() == "my shopping list" and not (tmp_path / "b.zarr").exists()
+    lock = tmp_path / "b.zarr.lock"
+    for text in ("my shopping list", "2024", "12 34\n", "7\n8\n"):  # only "<pid>\n" is ours
+        lock.write_text(text)
+        with pytest.raises(Exception, match="not a store lock"):
+            make_store(tmp_path / "b.zarr")
+        assert lock.read_text() == text and not (tmp_path / "b.zarr").exists()
+    for text in ("4242\n", ""):  # left by a killed writer, or one killed before writing its pid
+        lock.write_text(text)
+        FeatureStore(make_store(tmp_path / "b.zarr", overwrite=True))
+        assert not lock.exists()
 
 
 def test_extract_over_its_own_store_with_overwrite_replaces_it(tmp_path):
