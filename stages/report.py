@@ -118,16 +118,13 @@ def _claim(out: Path, folders: Sequence[str], files: Sequence[tuple[str, Any]]) 
     """Refuse (before writing anything) if OUT, one of its sub-folders, or a file we are about
     to replace is not ours: our own earlier outputs are replaced (recognised by content,
     ``is_ours(path)``), nothing else at those names ever is, nor a link (the write would land
-    on its target)."""
-    from cache.ownership import ForeignPathError, check_folder_target
+    on its target): ``check_file_target`` with replacement always allowed for our own files."""
+    from cache.ownership import check_file_target, check_folder_target
 
     for sub in ("", *folders):
         check_folder_target(out / sub if sub else out)
     for rel, is_ours in files:
-        p = out / rel
-        if p.is_symlink() or p.is_dir() or (p.exists() and not is_ours(p)):
-            raise ForeignPathError(f"{p}: exists and was not written by `pipeline summarize`/`report`; nothing was "
-                                   "changed, move it away or choose another --out")
+        check_file_target(out / rel, overwrite=True, is_ours=is_ours, what="`pipeline summarize`/`report` output")
 
 
 def write_summary(run: str | Path, out: str | Path, name: str | None = None) -> dict[str, Any]:
